@@ -79,7 +79,8 @@ def verify_batch(runner: ModelRunner, reqs: list[VerifyRequest]) -> VerifyResult
     device = logits[0].device
     target = torch.zeros(B, K + 1, V, device=device)
     draft_tokens = torch.zeros(B, K, dtype=torch.long, device=device)
-    sampled = any(not r.params.greedy and r.drafts for r in reqs)
+    # Sampled rows need a q even with no drafts (prefill): a [B, 0, V] placeholder, never read.
+    sampled = any(not r.params.greedy for r in reqs)
     draft_probs = torch.zeros(B, K, V, device=device) if sampled else None
     for b, (r, lg) in enumerate(zip(reqs, logits)):
         n = len(r.drafts)

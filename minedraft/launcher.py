@@ -1,0 +1,128 @@
+"""Start the three services as local processes, wait until each reports SERVING, and stop them cleanly.
+
+Used by `minedraft up` and by the end-to-end tests, so what the tests exercise is exactly what a user runs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from minedraft.config import REPO_ROOT
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_serving(address: str, timeout_s: float, proc: subprocess.Popen | None = None, service: str = "") -> None:
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while time.monotonic() < deadline:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"process for {address} exited with code {proc.returncode}")
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2).status == \
+                        health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise TimeoutError(f"{address} not SERVING after {timeout_s:.0f}s")
+
+
+@dataclass
+class Cluster:
+    """drafter + verifier + router on loopback. Extra flags per role go in *_args."""
+
+    mode: str = "psd"
+    router_port: int = 0
+    drafter_port: int = 0
+    verifier_port: int = 0
+    target: str = ""
+    draft: str = ""
+    device: str = "cpu"
+    router_args: list[str] = field(default_factory=list)
+    drafter_args: list[str] = field(default_factory=list)
+    verifier_args: list[str] = field(default_factory=list)
+    log_dir: str = ""  # when set, each process logs to <role>.log there; else inherits our stdout/stderr
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.router_port}"
+
+    def _spawn(self, role: str, module: str, args: list[str]) -> subprocess.Popen:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        out = None
+        if self.log_dir:
+            Path(self.log_dir).mkdir(parents=True, exist_ok=True)
+            out = open(Path(self.log_dir) / f"{role}.log", "ab")
+        proc = subprocess.Popen([sys.executable, "-m", module, *args], env=env, stdout=out, stderr=subprocess.STDOUT
+                                if out else None, start_new_session=True)
+        self.procs[role] = proc
+        return proc
+
+    def start(self, timeout_s: float = 300.0) -> "Cluster":
+        self.router_port = self.router_port or free_port()
+        self.drafter_port = self.drafter_port or free_port()
+        self.verifier_port = self.verifier_port or free_port()
+        model_args = ["--device", self.device]
+        try:
+            v = self._spawn("verifier", "services.verifier", ["--port", str(self.verifier_port), *model_args,
+                                                              *(["--model", self.target] if self.target else []),
+                                                              *self.verifier_args])
+            d = None
+            if self.mode != "ar":
+                d = self._spawn("drafter", "services.drafter", ["--port", str(self.drafter_port), *model_args,
+                                                                *(["--model", self.draft] if self.draft else []),
+                                                                *self.drafter_args])
+            r = self._spawn("router", "services.router", [
+                "--port", str(self.router_port), "--mode", self.mode,
+                "--verifiers", f"127.0.0.1:{self.verifier_port}", "--drafters", f"127.0.0.1:{self.drafter_port}",
+                *(["--tokenizer", self.target] if self.target else []), *self.router_args])
+            wait_serving(f"127.0.0.1:{self.verifier_port}", timeout_s, v)
+            if d is not None:
+                wait_serving(f"127.0.0.1:{self.drafter_port}", timeout_s, d)
+            wait_serving(self.address, timeout_s, r)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self, timeout_s: float = 15.0) -> dict[str, int]:
+        """SIGTERM the router first (it frees what it holds on the services), then the services; SIGKILL
+        stragglers. Returns exit codes."""
+        codes = {}
+        for role in ("router", "drafter", "verifier"):
+            p = self.procs.get(role)
+            if p is not None and p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(timeout_s)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+            if p is not None:
+                codes[role] = p.returncode
+        self.procs.clear()
+        return codes
+
+    def __enter__(self) -> "Cluster":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

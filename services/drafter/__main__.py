@@ -1,0 +1,3 @@
+from services.serve import main
+
+main("drafter")

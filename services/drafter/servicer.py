@@ -1,0 +1,50 @@
+"""Drafter: proposes k tokens per sequence with the small model. Ships draft probabilities (for sampled requests) by
+the transport the router negotiated; keeps ownership of those buffers until the router reports them consumed."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from minedraft.runtime.speculative import DraftRequest, propose
+from minedraft.v1 import model_service_pb2 as pb
+from services.model_service import ModelService, step_error
+
+
+class DrafterService(ModelService):
+    role = "drafter"
+    generator_salt = 1  # the draft's random stream must differ from the target's
+
+    def step(self, req: pb.DrafterRequest, owned: set[str]) -> pb.DrafterResponse:
+        try:
+            kind = req.WhichOneof("kind")
+            if kind == "release":
+                return pb.DrafterResponse(step_id=req.step_id, release=self.release_result(req.release, owned))
+            if kind != "propose":
+                raise ValueError("empty drafter request")
+            return pb.DrafterResponse(step_id=req.step_id, propose=self.propose(req.propose, owned))
+        except Exception as exc:
+            return pb.DrafterResponse(step_id=req.step_id, error=step_error(exc))
+
+    def propose(self, batch: pb.ProposeBatch, owned: set[str]) -> pb.ProposeResult:
+        t = time.perf_counter()
+        self.release_result(batch.release, owned)
+        reqs = []
+        for s in batch.seqs:
+            if s.k < 0:
+                raise ValueError(f"sequence {s.seq_id!r}: negative draft length")
+            params, gen = self.seq_state(s.seq_id, s.start, s.sampling, owned)
+            reqs.append(DraftRequest(s.seq_id, s.start, list(s.tokens), s.k, params, gen))
+        drafts = propose(self.runner, reqs)
+        out, rows, row = pb.ProposeResult(), [], 0
+        for s, d in zip(batch.seqs, drafts):
+            probs_row = -1
+            if d.probs is not None:
+                probs_row, row = row, row + d.probs.shape[0]
+                rows.append(d.probs)
+            out.seqs.add(seq_id=s.seq_id, tokens=d.tokens, probs_row=probs_row)
+        if rows:
+            out.probs.CopyFrom(self.exporter.export(torch.cat(rows).float(), batch.transport or "inline"))
+        out.compute_ms = (time.perf_counter() - t) * 1e3
+        return out

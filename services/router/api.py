@@ -1,0 +1,169 @@
+"""The public Generation service: validates and tokenizes requests, hands them to the engine, and turns accepted
+tokens into text (streamed or whole). Every way a call can end (done, stop string, client cancel, deadline, engine
+failure) cancels the engine request, which frees its KV on both services."""
+
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+
+import grpc
+
+from minedraft.runtime.sampling import SamplingParams
+from minedraft.runtime.sequence import Sequence
+from minedraft.v1 import generate_pb2 as gpb
+from services.router.scheduler import Engine, QueueFull, Request
+from services.router.text import TextStream
+
+log = logging.getLogger(__name__)
+
+FINISH = {"stop": gpb.FINISH_REASON_EOS, "length": gpb.FINISH_REASON_LENGTH,
+          "stop_string": gpb.FINISH_REASON_STOP_STRING}
+MAX_STOP_STRINGS, MAX_STOP_CHARS, MAX_ID_CHARS = 16, 256, 256
+
+
+class InvalidRequest(ValueError):
+    pass
+
+
+class GenerationServicer:
+    """Registered with the server before the model services are up (so health answers NOT_SERVING meanwhile);
+    `attach` makes it serve."""
+
+    def __init__(self):
+        self.engine: Engine | None = None
+
+    def attach(self, engine: Engine, tokenizer, info: gpb.ServerInfo) -> "GenerationServicer":
+        self.tokenizer, self.info = tokenizer, info
+        self.vocab_size = engine.verifier.info.vocab_size
+        self.engine = engine
+        return self
+
+    async def _require_ready(self, context) -> None:
+        if self.engine is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "router is waiting for its model services")
+
+    # ---- validation -----------------------------------------------------------------------------------------------
+    def _prompt_ids(self, req: gpb.GenerateRequest) -> list[int]:
+        kind = req.WhichOneof("input")
+        if kind == "prompt":
+            if not req.prompt:
+                raise InvalidRequest("prompt is empty")
+            ids = self.tokenizer.encode(req.prompt, add_special_tokens=False)
+        elif kind == "prompt_ids":
+            ids = list(req.prompt_ids.ids)
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise InvalidRequest(f"prompt_ids contains {len(bad)} ids outside the vocabulary [0, "
+                                     f"{self.vocab_size}), e.g. {bad[0]}")
+        else:
+            raise InvalidRequest("set either prompt or prompt_ids")
+        if not ids:
+            raise InvalidRequest("prompt is empty after tokenization")
+        return ids
+
+    def _sampling(self, req: gpb.GenerateRequest) -> SamplingParams:
+        o = req.sampling
+        if not math.isfinite(o.top_p) or o.top_p < 0:
+            raise InvalidRequest(f"top_p must be in (0, 1], got {o.top_p}")
+        params = SamplingParams(temperature=o.temperature, top_p=o.top_p or 1.0, top_k=o.top_k,
+                                seed=o.seed if o.HasField("seed") else None)
+        try:
+            params.validate()
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
+        return params
+
+    def build(self, req: gpb.GenerateRequest) -> Request:
+        if req.model and req.model not in (self.info.target_model, ""):
+            raise InvalidRequest(f"unknown model {req.model!r}; this server serves {self.info.target_model!r}")
+        if len(req.request_id) > MAX_ID_CHARS:
+            raise InvalidRequest(f"request_id longer than {MAX_ID_CHARS} characters")
+        if len(req.stop) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_CHARS for s in req.stop):
+            raise InvalidRequest(f"stop: at most {MAX_STOP_STRINGS} non-empty strings of <= {MAX_STOP_CHARS} chars")
+        params = self._sampling(req)
+        ids = self._prompt_ids(req)
+        ctx = self.engine.max_len
+        if len(ids) >= ctx:
+            raise InvalidRequest(f"prompt has {len(ids)} tokens; the context length is {ctx}")
+        limit = min(self.engine.cfg.max_new_tokens_limit, ctx - len(ids))
+        if req.max_new_tokens <= 0:
+            raise InvalidRequest(f"max_new_tokens must be >= 1, got {req.max_new_tokens}")
+        if req.max_new_tokens > limit:
+            raise InvalidRequest(f"max_new_tokens {req.max_new_tokens} too large: at most {limit} for a "
+                                 f"{len(ids)}-token prompt (context {ctx}, limit "
+                                 f"{self.engine.cfg.max_new_tokens_limit})")
+        seq = Sequence(uuid.uuid4().hex, ids, params, req.max_new_tokens, ctx, self.engine.eos_ids, req.ignore_eos)
+        r = Request(seq=seq, sampling=req.sampling)
+        if not self.engine.fits_ever(r):
+            raise QueueFull(f"request needs more KV cache than a model service has ({len(ids)} + {req.max_new_tokens}"
+                            " tokens)")
+        return r
+
+    # ---- running a request ----------------------------------------------------------------------------------------
+    async def _run(self, req: gpb.GenerateRequest, context):
+        """Yield (new_text, new_ids, finish_reason or None, Request) as the engine accepts tokens."""
+        await self._require_ready(context)
+        try:
+            r = self.build(req)
+            self.engine.submit(r)
+        except InvalidRequest as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except QueueFull as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        text = TextStream(self.tokenizer, list(req.stop))
+        finished = False
+        try:
+            while True:
+                kind, value = await r.events.get()
+                if kind == "error":
+                    await context.abort(value.code, str(value))
+                if kind == "done":
+                    finished = True
+                    yield text.flush(), [], value, r
+                    return
+                new_text = text.feed(value)
+                if text.stopped:
+                    finished = True
+                    yield new_text, value, "stop_string", r
+                    return
+                yield new_text, value, None, r
+        finally:
+            if not finished or text.stopped:
+                self.engine.cancel(r)
+
+    def _tail(self, r: Request, resp) -> None:
+        resp.usage.prompt_tokens = len(r.seq.prompt)
+        resp.usage.completion_tokens = len(r.seq.output)
+        resp.speculation.drafted_tokens = r.seq.drafted
+        resp.speculation.accepted_tokens = r.seq.accepted
+        resp.speculation.verify_steps = r.seq.verify_steps
+
+    async def Generate(self, req: gpb.GenerateRequest, context) -> gpb.GenerateResponse:
+        rid = req.request_id or uuid.uuid4().hex
+        parts, ids, reason, r = [], [], None, None
+        async for new_text, new_ids, reason, r in self._run(req, context):
+            parts.append(new_text)
+            ids.extend(new_ids)
+        resp = gpb.GenerateResponse(request_id=rid, text="".join(parts), token_ids=ids,
+                                    finish_reason=FINISH.get(reason, gpb.FINISH_REASON_UNSPECIFIED))
+        self._tail(r, resp)
+        return resp
+
+    async def GenerateStream(self, req: gpb.GenerateRequest, context):
+        rid = req.request_id or uuid.uuid4().hex
+        async for new_text, new_ids, reason, r in self._run(req, context):
+            msg = gpb.GenerateStreamResponse(request_id=rid, text=new_text, token_ids=new_ids)
+            if reason is not None:
+                msg.finish_reason = FINISH.get(reason, gpb.FINISH_REASON_UNSPECIFIED)
+                self._tail(r, msg)
+            if new_text or new_ids or reason is not None:
+                yield msg
+
+    async def GetInfo(self, req, context) -> gpb.ServerInfo:
+        await self._require_ready(context)
+        return self.info
+
+
+__all__ = ["GenerationServicer", "InvalidRequest"]

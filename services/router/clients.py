@@ -1,0 +1,99 @@
+"""The router's connection to one model-service replica: a channel, a health-gated start, the replica's ModelInfo,
+and one bidirectional Session on which batch steps go out and come back strictly in order."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from minedraft.v1 import model_service_pb2 as pb, model_service_pb2_grpc as pb_grpc
+from services.common import channel_options
+
+log = logging.getLogger(__name__)
+
+
+class ServiceError(Exception):
+    """A step failed; `code` is the gRPC status the affected requests should end with."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def _status(code_number: int) -> grpc.StatusCode:
+    for c in grpc.StatusCode:
+        if c.value[0] == code_number:
+            return c
+    return grpc.StatusCode.UNKNOWN
+
+
+class ModelClient:
+    def __init__(self, address: str, kind: str, max_message_mb: int = 64, timeout_s: float = 120.0):
+        self.address, self.kind, self.timeout_s = address, kind, timeout_s
+        self.channel = grpc.aio.insecure_channel(address, options=channel_options(max_message_mb))
+        self.stub = (pb_grpc.DrafterStub if kind == "drafter" else pb_grpc.VerifierStub)(self.channel)
+        self.info: pb.ModelInfo | None = None
+        self._session = None
+        self._lock = asyncio.Lock()
+        self._ids = itertools.count(1)
+        self.busy_s = 0.0  # wall time with a step outstanding (router's view of this replica's load)
+
+    async def wait_ready(self, timeout_s: float = 300.0) -> pb.ModelInfo:
+        """Block until the replica reports SERVING (model loaded and warmed up), then fetch its info."""
+        health = health_pb2_grpc.HealthStub(self.channel)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                r = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    break
+            except grpc.aio.AioRpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.kind} at {self.address} not SERVING after {timeout_s:.0f}s")
+            await asyncio.sleep(0.2)
+        self.info = await self.stub.GetModelInfo(pb.ModelInfoRequest(), timeout=30)
+        log.info("%s %s ready: %s (%s), vocab %d, context %d, KV %d tokens, %s", self.kind, self.address,
+                 self.info.model_name, self.info.model_type, self.info.vocab_size, self.info.max_context,
+                 self.info.kv_capacity_tokens, self.info.device)
+        return self.info
+
+    async def probe(self, request: pb.ProbeRequest) -> pb.ProbeReply:
+        return await self.stub.ProbeTransport(request, timeout=30)
+
+    async def step(self, request):
+        """Send one step (a DrafterRequest or VerifierRequest, step_id filled in here) and await its answer."""
+        async with self._lock:
+            if self._session is None:
+                self._session = self.stub.Session()
+            request.step_id = next(self._ids)
+            t = time.perf_counter()
+            try:
+                await self._session.write(request)
+                resp = await asyncio.wait_for(self._session.read(), self.timeout_s)
+            except (grpc.aio.AioRpcError, asyncio.TimeoutError, grpc.aio.UsageError) as exc:
+                self._session = None
+                code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else grpc.StatusCode.UNAVAILABLE
+                raise ServiceError(code, f"{self.kind} {self.address}: {exc}") from exc
+            finally:
+                self.busy_s += time.perf_counter() - t
+            if resp is grpc.aio.EOF:
+                self._session = None
+                raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"{self.kind} {self.address} closed the session")
+            if resp.step_id != request.step_id:
+                raise ServiceError(grpc.StatusCode.INTERNAL, f"{self.kind}: answer to step {resp.step_id}, "
+                                                             f"expected {request.step_id}")
+            if resp.WhichOneof("kind") == "error":
+                raise ServiceError(_status(resp.error.code), resp.error.message)
+            return resp
+
+    async def close(self) -> None:
+        if self._session is not None:
+            self._session.cancel()
+            self._session = None
+        await self.channel.close()

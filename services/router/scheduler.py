@@ -1,0 +1,265 @@
+"""The router's engine: continuous batching into two batches with one verified while the other is drafted (PSD).
+
+Each tick: verify batch S (with the drafts made for it last tick) on the verifier while batch O is drafted on the
+drafter, then swap. A tick costs ~max(T_draft, T_verify) instead of their sum. Modes share the loop:
+  psd  two batches, the overlap above; a batch with no stored drafts (first tick) is drafted synchronously first,
+       so with one batch non-empty it degrades to plain SD until the other fills;
+  sd   one batch: draft, then verify;
+  ar   one batch, target only (verify with zero drafts).
+New requests join the smaller batch (the one just verified on ties, since it drafts next) and are prefilled on the
+verifier in the same call that verifies S. The router holds every request's prompt and accepted tokens (Sequence);
+the services only hold caches that the router can rebuild.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import grpc
+
+from minedraft.config import RouterConfig
+from minedraft.runtime.sequence import Sequence
+from minedraft.v1 import common_pb2, model_service_pb2 as pb
+from services.router.clients import ModelClient, ServiceError
+from services.router.trace import Trace
+
+log = logging.getLogger(__name__)
+
+PREFILL, DRAFT, VERIFY = "prefill", "draft", "verify"  # what a running sequence needs next
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass
+class Request:
+    seq: Sequence
+    sampling: common_pb2.SamplingOptions
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)  # ("tokens", [ids]) | ("done", reason) | ("error", exc)
+    arrival: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    phase: str = PREFILL
+    cancelled: bool = False
+    probs_ref: common_pb2.TensorRef | None = None  # where this sequence's draft probabilities live (sampled only)
+    probs_buffer: str = ""
+
+    @property
+    def seq_id(self) -> str:
+        return self.seq.seq_id
+
+
+def _buffer_name(ref: common_pb2.TensorRef) -> str:
+    kind = ref.WhichOneof("payload")
+    return ref.shm.name if kind == "shm" else ref.cuda_ipc.name if kind == "cuda_ipc" else ""
+
+
+class Engine:
+    def __init__(self, cfg: RouterConfig, verifier: ModelClient, drafter: ModelClient | None, transport: str):
+        self.cfg, self.mode, self.k = cfg, cfg.mode, cfg.num_speculative_tokens
+        self.verifier, self.drafter, self.transport = verifier, drafter, transport
+        self.waiting: deque[Request] = deque()
+        self.batches: tuple[list[Request], list[Request]] = ([], [])
+        self.cur = 0  # index of S, the batch verified next
+        self.release_v: list[str] = []  # sequence ids to free on the verifier with its next step
+        self.release_d: list[str] = []
+        self.release_buffers: list[str] = []  # drafter buffers the verifier has consumed
+        self.wake = asyncio.Event()
+        self.trace = Trace(cfg.trace_file)
+        infos = [verifier.info] + ([drafter.info] if drafter else [])
+        self.max_len = min(i.max_context for i in infos)
+        self.eos_ids = frozenset(verifier.info.eos_token_ids)
+        # KV admission: each running sequence reserves its worst case on both services, in blocks.
+        self.capacity = [(i.kv_capacity_tokens // max(i.block_size, 1), max(i.block_size, 1)) for i in infos]
+        self.reserved = [0] * len(infos)
+        self.ticks = 0
+        self._task: asyncio.Task | None = None
+
+    # ---- admission ------------------------------------------------------------------------------------------------
+    def _blocks(self, req: Request) -> list[int]:
+        worst = len(req.seq.prompt) + req.seq.max_new_tokens + self.k + 1
+        return [-(-worst // bs) for _, bs in self.capacity]
+
+    def fits_ever(self, req: Request) -> bool:
+        return all(b <= cap for b, (cap, _) in zip(self._blocks(req), self.capacity))
+
+    def submit(self, req: Request) -> None:
+        if len(self.waiting) >= self.cfg.max_queue:
+            raise QueueFull(f"queue full ({self.cfg.max_queue} waiting requests)")
+        self.waiting.append(req)
+        self.wake.set()
+
+    def cancel(self, req: Request) -> None:
+        req.cancelled = True
+        self.wake.set()
+
+    @property
+    def batch_limit(self) -> int:
+        return self.cfg.max_batch_size
+
+    def _admit(self) -> None:
+        nb = 2 if self.mode == "psd" else 1
+        while self.waiting:
+            req = self.waiting[0]
+            sizes = [len(self.batches[(self.cur + i) % 2]) for i in range(nb)]
+            slot = min(range(nb), key=lambda i: sizes[i])  # ties go to S, which drafts next
+            need = self._blocks(req)
+            if sizes[slot] >= self.batch_limit or any(r + n > cap for r, n, (cap, _) in
+                                                      zip(self.reserved, need, self.capacity)):
+                return
+            self.waiting.popleft()
+            self.reserved = [r + n for r, n in zip(self.reserved, need)]
+            self.batches[(self.cur + slot) % 2].append(req)
+
+    def _reap(self) -> None:
+        """Drop finished and cancelled sequences; their KV is freed with the next step to each service."""
+        for req in [r for r in self.waiting if r.cancelled]:
+            self.waiting.remove(req)
+            req.events.put_nowait(("done", "cancelled"))
+        for batch in self.batches:
+            for req in [r for r in batch if r.seq.finished or r.cancelled]:
+                batch.remove(req)
+                self.reserved = [r - n for r, n in zip(self.reserved, self._blocks(req))]
+                if req.phase != PREFILL:  # releasing on a service that never saw it is harmless
+                    self.release_v.append(req.seq_id)
+                    if self.drafter is not None:
+                        self.release_d.append(req.seq_id)
+                if req.probs_buffer:
+                    self.release_buffers.append(req.probs_buffer)
+                if req.cancelled and not req.seq.finished:
+                    req.events.put_nowait(("done", "cancelled"))
+
+    # ---- the loop -------------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._task = asyncio.create_task(self.run(), name="psd-engine")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        for req in list(self.waiting) + self.batches[0] + self.batches[1]:
+            req.events.put_nowait(("error", ServiceError(grpc.StatusCode.UNAVAILABLE, "router shutting down")))
+        self.trace.close()
+
+    @property
+    def running(self) -> int:
+        return len(self.batches[0]) + len(self.batches[1])
+
+    async def run(self) -> None:
+        while True:
+            self._reap()
+            self._admit()
+            if not self.running:
+                await self._flush_releases()
+                self.wake.clear()
+                if not self.waiting:
+                    await self.wake.wait()
+                continue
+            try:
+                await self._tick()
+            except ServiceError as exc:
+                self._fail_running(exc)
+            except Exception as exc:  # a bug must not leave clients waiting forever
+                log.exception("engine tick failed")
+                self._fail_running(ServiceError(grpc.StatusCode.INTERNAL, f"router error: {exc}"))
+
+    def _fail_running(self, exc: ServiceError) -> None:
+        log.error("failing %d running requests: %s %s", self.running, exc.code.name, exc)
+        for batch in self.batches:
+            for req in batch:
+                req.events.put_nowait(("error", exc))
+                req.cancelled = True
+
+    async def _tick(self) -> None:
+        S, O = self.batches[self.cur], self.batches[1 - self.cur]
+        t0 = time.perf_counter()
+        if self.mode != "ar" and not any(r.phase == VERIFY for r in S):
+            # Nothing stored for S: the non-overlapped first tick in psd, every tick in sd.
+            await self._draft([r for r in S if r.phase == DRAFT], t0)
+        verify_set = S + [r for r in O if r.phase == PREFILL]  # new requests prefill with S's verification
+        draft_set = [r for r in O if r.phase == DRAFT] if self.mode == "psd" else []
+        await asyncio.gather(self._verify(verify_set, t0), self._draft(draft_set, t0))
+        self.trace.tick(self.ticks, t0, time.perf_counter(), len(S), len(O))
+        self.ticks += 1
+        if self.mode == "psd":
+            self.cur ^= 1
+
+    async def _draft(self, reqs: list[Request], t0: float) -> None:
+        if not reqs and not self.release_d and not self.release_buffers:
+            return
+        batch = pb.ProposeBatch(transport=self.transport)
+        batch.release.seq_ids.extend(self.release_d)
+        batch.release.buffers.extend(self.release_buffers)
+        self.release_d, self.release_buffers = [], []
+        for r in reqs:
+            start, tokens = r.seq.draft_input()
+            batch.seqs.add(seq_id=r.seq_id, start=start, tokens=tokens, k=r.seq.draft_len(self.k), sampling=r.sampling)
+        start_t = time.perf_counter()
+        resp = await self.drafter.step(pb.DrafterRequest(propose=batch))
+        end_t = time.perf_counter()
+        out = resp.propose
+        ref = out.probs if out.HasField("probs") else None
+        name = _buffer_name(ref) if ref is not None else ""
+        for r, d in zip(reqs, out.seqs):
+            r.seq.on_drafted(list(d.tokens), d.probs_row if d.probs_row >= 0 else None)
+            r.probs_ref, r.probs_buffer = (ref, name) if d.probs_row >= 0 else (None, "")
+            r.phase = VERIFY
+        if reqs:
+            self.trace.step("draft", self.drafter.address, self.ticks, start_t - t0, end_t - t0, len(reqs),
+                            out.compute_ms)
+
+    async def _verify(self, reqs: list[Request], t0: float) -> None:
+        if not reqs:
+            return
+        batch = pb.VerifyBatch()
+        batch.release.seq_ids.extend(self.release_v)
+        self.release_v = []
+        refs = {id(r.probs_ref): r.probs_ref for r in reqs if r.phase == VERIFY and r.probs_ref is not None}
+        if len(refs) > 1:
+            raise ServiceError(grpc.StatusCode.INTERNAL, "one verify step got drafts from two draft steps")
+        if refs:
+            batch.draft_probs.CopyFrom(next(iter(refs.values())))
+        for r in reqs:
+            start, tokens = r.seq.verify_input()
+            drafts = r.seq.drafts if r.phase == VERIFY else []
+            row = r.seq.draft_probs if (r.phase == VERIFY and r.seq.draft_probs is not None) else -1
+            batch.seqs.add(seq_id=r.seq_id, start=start, tokens=tokens, drafts=drafts, probs_row=row,
+                           sampling=r.sampling)
+        start_t = time.perf_counter()
+        resp = await self.verifier.step(pb.VerifierRequest(verify=batch))
+        end_t = time.perf_counter()
+        now = time.perf_counter()
+        for r, v in zip(reqs, resp.verify.seqs):
+            if r.phase != VERIFY:
+                r.seq.drafts, r.seq.draft_probs = [], None
+            emitted = r.seq.on_verified(v.num_accepted, list(v.tokens))
+            if r.probs_buffer:
+                self.release_buffers.append(r.probs_buffer)
+            r.probs_ref, r.probs_buffer, r.phase = None, "", DRAFT
+            if r.first_token_at is None:
+                r.first_token_at = now
+            if emitted and not r.cancelled:
+                r.events.put_nowait(("tokens", emitted))
+            if r.seq.finished:
+                r.finished_at = now
+                r.events.put_nowait(("done", r.seq.finish_reason))
+        self.trace.step("verify", self.verifier.address, self.ticks, start_t - t0, end_t - t0, len(reqs),
+                        resp.verify.compute_ms)
+
+    async def _flush_releases(self) -> None:
+        """When idle, free what finished sequences still hold instead of waiting for the next step."""
+        if self.release_v:
+            ids, self.release_v = self.release_v, []
+            await self.verifier.step(pb.VerifierRequest(release=pb.Release(seq_ids=ids)))
+        if self.drafter and (self.release_d or self.release_buffers):
+            rel = pb.Release(seq_ids=self.release_d, buffers=self.release_buffers)
+            self.release_d, self.release_buffers = [], []
+            await self.drafter.step(pb.DrafterRequest(release=rel))

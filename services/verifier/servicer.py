@@ -1,0 +1,51 @@
+"""Verifier: one target forward over each sequence's uncached tokens plus its drafts, then lossless acceptance
+(greedy argmax match, or rejection sampling against the draft probabilities it reads by handle)."""
+
+from __future__ import annotations
+
+import time
+
+from minedraft.runtime.speculative import VerifyRequest, verify_batch
+from minedraft.v1 import model_service_pb2 as pb
+from services.model_service import ModelService, step_error
+
+
+class VerifierService(ModelService):
+    role = "verifier"
+    generator_salt = 0
+
+    def step(self, req: pb.VerifierRequest, owned: set[str]) -> pb.VerifierResponse:
+        try:
+            kind = req.WhichOneof("kind")
+            if kind == "release":
+                return pb.VerifierResponse(step_id=req.step_id, release=self.release_result(req.release, owned))
+            if kind != "verify":
+                raise ValueError("empty verifier request")
+            return pb.VerifierResponse(step_id=req.step_id, verify=self.verify(req.verify, owned))
+        except Exception as exc:
+            return pb.VerifierResponse(step_id=req.step_id, error=step_error(exc))
+
+    def verify(self, batch: pb.VerifyBatch, owned: set[str]) -> pb.VerifyResultMsg:
+        t = time.perf_counter()
+        self.release_result(batch.release, owned)
+        q = self.importer.open(batch.draft_probs) if batch.HasField("draft_probs") else None
+        vocab = self.model.arch.vocab_size
+        if q is not None and (q.dim() != 2 or q.shape[1] != vocab):
+            raise ValueError(f"draft probabilities must be [rows, {vocab}], got {list(q.shape)}")
+        reqs = []
+        for s in batch.seqs:
+            params, gen = self.seq_state(s.seq_id, s.start, s.sampling, owned)
+            probs = None
+            if s.drafts and not params.greedy:
+                if q is None or s.probs_row < 0 or s.probs_row + len(s.drafts) > q.shape[0]:
+                    raise ValueError(f"sequence {s.seq_id!r} samples but its draft probabilities are missing")
+                probs = q[s.probs_row: s.probs_row + len(s.drafts)]
+            reqs.append(VerifyRequest(s.seq_id, s.start, list(s.tokens), list(s.drafts), probs, params, gen))
+        if not reqs:
+            return pb.VerifyResultMsg()
+        res = verify_batch(self.runner, reqs)
+        out = pb.VerifyResultMsg()
+        for s, n, toks in zip(batch.seqs, res.num_accepted.tolist(), res.tokens):
+            out.seqs.add(seq_id=s.seq_id, num_accepted=n, tokens=toks)
+        out.compute_ms = (time.perf_counter() - t) * 1e3
+        return out
