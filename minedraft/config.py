@@ -25,8 +25,8 @@ class ModelServiceConfig:
     model: str = ""  # local HF checkpoint directory (default: the demo draft / target)
     host: str = "127.0.0.1"  # address to listen on
     port: int = 0  # 0 = the role's default port
-    device: str = "cpu"  # cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto (float32 on CPU, checkpoint half type on GPU) | float32 | float16 | bfloat16
+    device: str = "cpu"  # cpu, cuda or cuda:N
+    dtype: str = "auto"  # auto (float32 on CPU, the checkpoint half type on GPU), float32, float16 or bfloat16
     kv_cache_tokens: int = 65536  # KV cache capacity in tokens, across all sequences
     block_size: int = 16  # KV cache block (page) size in tokens
     cpu_core: int = -1  # pin the process and its torch threads to this core; -1 = the role's default, -2 = none
@@ -51,12 +51,12 @@ class RouterConfig:
     drafters: str = "127.0.0.1:50061"  # drafter address(es), comma separated
     verifiers: str = "127.0.0.1:50062"  # verifier address(es), comma separated
     tokenizer: str = ""  # tokenizer directory (default: the demo target)
-    mode: str = "psd"  # ar (target only) | sd (draft then verify) | psd (two batches in flight)
+    mode: str = "psd"  # ar (target only), sd (draft then verify), psd (two batches in flight)
     num_speculative_tokens: int = 4  # k: drafts per sequence per step
     max_batch_size: int = 16  # sequences per in-flight batch (psd keeps two)
     max_queue: int = 256  # waiting requests beyond which Generate answers RESOURCE_EXHAUSTED
     max_new_tokens_limit: int = 4096  # largest max_new_tokens a request may ask for
-    transport: str = "auto"  # auto (negotiate) | inline | shm | cuda_ipc: how draft probabilities travel
+    transport: str = "auto"  # auto (negotiate), inline, shm or cuda_ipc: how draft probabilities travel
     trace_file: str = ""  # write a JSON-lines trace of every step (for timeline plots)
     max_message_mb: int = 64  # gRPC message size limit
     rpc_timeout_s: float = 120.0  # a model-service step slower than this is treated as a failure

@@ -122,7 +122,9 @@ class ModelService:
                             vocab_size=a.vocab_size, max_context=a.max_position, eos_token_ids=list(a.eos_token_ids),
                             kv_capacity_tokens=self.runner.cache.num_blocks * self.runner.cache.block_size,
                             device=str(self.device), instance_id=self.instance_id, host_id=host_id(),
-                            tokenizer_digest=self.tokenizer_digest, block_size=self.runner.cache.block_size)
+                            tokenizer_digest=self.tokenizer_digest, block_size=self.runner.cache.block_size,
+                            kv_blocks_in_use=self.runner.cache.used_blocks, active_sequences=len(self.params),
+                            live_buffers=self.exporter.live, busy_seconds=self.busy_s)
 
     async def ProbeTransport(self, request: pb.ProbeRequest, context) -> pb.ProbeReply:
         """Negotiation: create a test buffer (producer) or open one and report its digest (consumer). A consumer that
