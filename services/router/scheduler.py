@@ -147,6 +147,12 @@ class Engine:
                 pass
         for req in list(self.waiting) + self.batches[0] + self.batches[1]:
             req.events.put_nowait(("error", ServiceError(grpc.StatusCode.UNAVAILABLE, "router shutting down")))
+            req.cancelled = True
+        self._reap()
+        try:  # best effort: the services also free everything when our sessions close
+            await asyncio.wait_for(self._flush_releases(), 5)
+        except (ServiceError, asyncio.TimeoutError) as exc:
+            log.warning("could not release KV on shutdown: %s", exc)
         self.trace.close()
 
     @property
@@ -178,7 +184,19 @@ class Engine:
                 req.events.put_nowait(("error", exc))
                 req.cancelled = True
 
+    def _rebalance(self) -> None:
+        """When one batch has emptied (its requests finished), split the other so the overlap resumes instead of
+        running plain SD. Only sequences without stored drafts move: they get drafted wherever they go."""
+        A, B = self.batches
+        full, empty = (A, B) if not B else (B, A)
+        if empty or len(full) < 2 or any(r.phase == VERIFY for r in full):
+            return
+        empty.extend(full[len(full) // 2:])
+        del full[len(full) // 2:]
+
     async def _tick(self) -> None:
+        if self.mode == "psd":
+            self._rebalance()
         S, O = self.batches[self.cur], self.batches[1 - self.cur]
         t0 = time.perf_counter()
         if self.mode != "ar" and not any(r.phase == VERIFY for r in S):
@@ -255,11 +273,14 @@ class Engine:
                         resp.verify.compute_ms)
 
     async def _flush_releases(self) -> None:
-        """When idle, free what finished sequences still hold instead of waiting for the next step."""
+        """When idle, free what finished sequences still hold instead of waiting for the next step. The lists are
+        cleared only once a service confirmed, so a cancelled flush (shutdown) is retried by the next one."""
         if self.release_v:
-            ids, self.release_v = self.release_v, []
+            ids = list(self.release_v)
             await self.verifier.step(pb.VerifierRequest(release=pb.Release(seq_ids=ids)))
+            del self.release_v[:len(ids)]
         if self.drafter and (self.release_d or self.release_buffers):
-            rel = pb.Release(seq_ids=self.release_d, buffers=self.release_buffers)
-            self.release_d, self.release_buffers = [], []
-            await self.drafter.step(pb.DrafterRequest(release=rel))
+            ids, bufs = list(self.release_d), list(self.release_buffers)
+            await self.drafter.step(pb.DrafterRequest(release=pb.Release(seq_ids=ids, buffers=bufs)))
+            del self.release_d[:len(ids)]
+            del self.release_buffers[:len(bufs)]

@@ -9,8 +9,9 @@ import time
 
 
 class Trace:
-    def __init__(self, path: str = ""):
+    def __init__(self, path: str = "", keep: bool = False):
         self._file = open(path, "a", buffering=1) if path else None
+        self.records: list[dict] | None = [] if keep else None  # in memory, for tests
         self._origin = time.perf_counter()
         self.busy = {"draft": 0.0, "verify": 0.0}  # seconds with a call outstanding
         self.compute = {"draft": 0.0, "verify": 0.0}  # seconds the services report computing
@@ -25,16 +26,20 @@ class Trace:
     def step(self, kind: str, replica: str, tick: int, start_s: float, end_s: float, size: int, compute_ms: float):
         self.busy[kind] += end_s - start_s
         self.compute[kind] += compute_ms / 1e3
-        if self._file:
-            self._file.write(json.dumps({"kind": kind, "replica": replica, "tick": tick, "start": start_s,
-                                         "end": end_s, "size": size, "compute_ms": round(compute_ms, 3)}) + "\n")
+        self._emit({"kind": kind, "replica": replica, "tick": tick, "start": start_s, "end": end_s, "size": size,
+                    "compute_ms": round(compute_ms, 3)})
 
     def tick(self, tick: int, t0: float, t1: float, size_s: int, size_o: int) -> None:
         self.tick_s += t1 - t0
         self.ticks += 1
+        self._emit({"kind": "tick", "tick": tick, "t": t0 - self._origin, "dur": t1 - t0, "verify_batch": size_s,
+                    "draft_batch": size_o})
+
+    def _emit(self, record: dict) -> None:
+        if self.records is not None:
+            self.records.append(record)
         if self._file:
-            self._file.write(json.dumps({"kind": "tick", "tick": tick, "t": t0 - self._origin, "dur": t1 - t0,
-                                         "verify_batch": size_s, "draft_batch": size_o}) + "\n")
+            self._file.write(json.dumps(record) + "\n")
 
     def summary(self) -> dict:
         wall = max(self.tick_s, 1e-9)
