@@ -122,6 +122,8 @@ def main(argv=None) -> int:
     info.add_argument("--address", default="127.0.0.1:50051")
     info.set_defaults(fn=_info)
 
+    from minedraft.bench.cli import add_parser as add_bench
+    add_bench(sub)
     args = p.parse_args(argv)
     return args.fn(args)
 

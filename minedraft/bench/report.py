@@ -1,0 +1,168 @@
+"""Turning a results dict into files: results.json (everything, machine-readable), results.md (the tables a person
+reads: modes, ratios, stage timings, sweeps, target verdicts) and the PNG plots.
+
+Why markdown next to JSON: the reference runs are committed to the repository and read on GitHub; the JSON keeps
+every per-request number so anything in the tables can be recomputed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+
+from minedraft.bench import plots, targets
+
+
+def machine() -> dict:
+    import torch
+    import transformers
+
+    cpu = ""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor()
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "affinity": sorted(os.sched_getaffinity(0)),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "platform": platform.platform(), "git_commit": commit,
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def _clean(x):
+    """JSON without NaN/Infinity (not valid JSON): they become null."""
+    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
+        return None
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    return x
+
+
+def _f(x, spec=".1f") -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _mode_rows(res: dict) -> list[list[str]]:
+    rows = []
+    for mode, h in res.get("main_headline", {}).items():
+        rows.append([mode, _f(h["tps"]), _f(h["e2e_mean"], ".0f"), _f(h["e2e_p50"], ".0f"), _f(h["e2e_p99"], ".0f"),
+                     _f(h["ttft_mean"], ".0f"), _f(h["ttft_p99"], ".0f"), _f(h["tpot_mean"], ".2f"),
+                     _f(h["acceptance"], ".3f"), _f(h["accepted_per_step"], ".2f"), _f(h["drafter_busy"], ".2f"),
+                     _f(h["verifier_busy"], ".2f"), _f(h["step_ms"], ".1f"), _f(h["router_ms"], ".2f"),
+                     _f(h["grpc_ms"], ".2f"), _f(100 * h["overhead_frac"], ".1f"), str(h["failed"])])
+    hf = res.get("hf_assisted")
+    if hf:
+        rows.append([f"hf-assisted ({hf['requests']} req, {hf['threads']} thr)", _f(hf["output_tps"]),
+                     _f(hf["generate_ms"]["mean"], ".0f") + "*", _f(hf["generate_ms"]["p50"], ".0f") + "*",
+                     _f(hf["generate_ms"]["p99"], ".0f") + "*", _f(hf["ttft_ms"]["mean"], ".0f") + "*",
+                     _f(hf["ttft_ms"]["p99"], ".0f") + "*", _f(hf["tpot_ms"]["mean"], ".2f")] + ["-"] * 9)
+    return rows
+
+
+def markdown(res: dict, command: str = "", notes: str = "") -> str:
+    m, wl, c = res["machine"], res["workload"], res["comparison"]
+    cfg = res["config"]
+    out = ["# minedraft bench results", ""]
+    if command:
+        out += ["```", command, "```", ""]
+    out += [f"- machine: {m['cpu']}, {m['cpu_count']} CPU cores (affinity {m['affinity']}), GPU: {m['gpu']}; "
+            f"torch {m['torch']}, transformers {m['transformers']}, Python {m['python']}; commit {m['git_commit']}; "
+            f"{m['date']}",
+            f"- models: target `{cfg['target']}`, draft(s) {', '.join(f'`{d}`' for d in cfg['drafts'])}; "
+            f"device {cfg['device']}; k={cfg['k']}, batch={cfg['batch']} per in-flight batch; "
+            f"{cfg['runs']} measured run(s) per point after a warm-up round",
+            f"- workload: {wl['spec']}; prompt tokens mean {_f(wl['prompt_tokens_mean'])} "
+            f"(min {wl['prompt_tokens_min']}, max {wl['prompt_tokens_max']}), {wl['distinct_prompts']} distinct; "
+            f"concurrency cap {cfg['concurrency'] or 'none'}", ""]
+    out += ["## Modes on the same workload", ""]
+    out += _table(["mode", "tok/s", "E2E mean ms", "E2E p50", "E2E p99", "TTFT mean", "TTFT p99", "TPOT ms",
+                   "accept", "acc/step", "drafter busy", "verifier busy", "step ms", "router ms", "gRPC ms",
+                   "overhead %", "failed"], _mode_rows(res))
+    if res.get("hf_assisted"):
+        out += ["", "\\* HF assisted: per-request generate time, requests served one after another (no queueing "
+                    "counted), so only its tok/s compares with the servers."]
+    out += ["", "## Ratios", ""]
+    out += _table(["psd/sd tok/s", "psd/ar tok/s", "sd/ar tok/s", "ideal bound", "fraction of ideal",
+                   "gain fraction", "T_d ms", "T_v ms", "E2E psd/sd", "E2E psd/ar", "psd/HF tok/s"],
+                  [[_f(c.get(k, math.nan), ".2f") for k in ("psd_over_sd", "psd_over_ar", "sd_over_ar", "ideal_bound",
+                                                            "fraction_of_ideal", "gain_fraction", "draft_ms",
+                                                            "verify_ms", "e2e_psd_over_sd", "e2e_psd_over_ar",
+                                                            "psd_over_hf")]])
+    out += ["", f"## Isolated stage timings (context {res['stage_context']} tokens, 1 torch thread, median)", ""]
+    out += _table(["draft", "k", "batch", "T_draft ms", "T_verify ms", "T_d/T_v", "ideal bound"],
+                  [[Path(s["draft_dir"]).name, str(s["k"]), str(s["batch"]), _f(s["draft_ms"], ".2f"),
+                    _f(s["verify_ms"], ".2f"), _f(s["draft_over_verify"], ".2f"), _f(s["ideal_bound"], ".3f")]
+                   for s in res["stages"]])
+    if res.get("sweeps"):
+        out += ["", "## Sweeps (sd and psd side by side at each point)", ""]
+        rows = []
+        for s in res["sweeps"]:
+            p, sc = s["points"], s["comparison"]
+            sd, psd = p.get("sd", {}), p.get("psd", {})
+            rows.append([s["param"], str(s["value"]), str(s["k"]), str(s["batch"]), Path(s["draft"]).name,
+                         str(s["n"]), _f(s["stage"]["draft_ms"], ".1f"), _f(s["stage"]["verify_ms"], ".1f"),
+                         _f(sd.get("tps", math.nan)), _f(psd.get("tps", math.nan)), _f(sc["psd_over_sd"], ".2f"),
+                         _f(sc["ideal_bound"], ".2f"), _f(sc["fraction_of_ideal"], ".2f"),
+                         _f(sc["gain_fraction"], ".2f"), _f(sc["e2e_psd_over_sd"], ".2f"),
+                         _f(psd.get("acceptance", math.nan), ".2f"), _f(psd.get("drafter_busy", math.nan), ".2f"),
+                         _f(psd.get("verifier_busy", math.nan), ".2f"),
+                         _f(100 * psd.get("overhead_frac", math.nan), ".1f")])
+        out += _table(["sweep", "value", "k", "batch", "draft", "requests", "T_d ms", "T_v ms", "sd tok/s",
+                       "psd tok/s", "psd/sd", "ideal", "fraction", "gain fraction", "E2E psd/sd", "accept",
+                       "psd drafter busy", "psd verifier busy", "psd overhead %"], rows)
+    out += ["", "## Targets", ""]
+    out += _table(["target", "aim", "measured", "met", "why (numbers)"],
+                  [[t["target"], t["aim"], t["measured"], {True: "yes", False: "**no**", None: "-"}[t["met"]],
+                    t["why"]] for t in res["targets"]])
+    out += ["", "## Plots", ""] + [f"![{p}]({p})" for p in res.get("plots", [])]
+    if notes:
+        out += ["", "## Notes", "", notes.strip()]
+    return "\n".join(out) + "\n"
+
+
+def make_plots(res: dict, out: Path) -> list[str]:
+    made = []
+    modes = res.get("modes", {})
+    traces = {m: (modes[m]["trace_file"], modes[m]["per_run"][0]["trace_offset"]) for m in ("psd", "sd")
+              if m in modes and modes[m]["per_run"]}
+    if plots.timeline(traces, out / "timeline.png", title=f"k={res['config']['k']}, batch={res['config']['batch']}"):
+        made.append("timeline.png")
+    rows = [s["points"][m] for s in res.get("sweeps", []) if s["param"] == "batch" for m in s["points"]]
+    ideal = {s["batch"]: s["stage"]["ideal_bound"] for s in res.get("sweeps", []) if s["param"] == "batch"}
+    if not rows:
+        rows = list(res.get("main_headline", {}).values())
+        ideal = {res["config"]["batch"]: res["comparison"]["ideal_bound"]}
+    hf = res.get("hf_assisted")
+    if plots.throughput_vs_batch(rows, out / "throughput_vs_batch.png", ideal, hf["output_tps"] if hf else None):
+        made.append("throughput_vs_batch.png")
+    pts = [{"label": f"{s['param']}={s['value']}", **s["comparison"]} for s in res.get("sweeps", [])]
+    if plots.ratio_vs_ideal(pts, out / "ratio_vs_ideal.png"):
+        made.append("ratio_vs_ideal.png")
+    return made
+
+
+def write(res: dict, out: Path, command: str = "", notes: str = "") -> dict:
+    res["machine"] = machine()
+    res["command"] = command
+    res["targets"] = targets.evaluate(res)
+    res["plots"] = make_plots(res, out)
+    (out / "results.json").write_text(json.dumps(_clean(res), indent=1) + "\n")
+    md = markdown(res, command, notes)
+    (out / "results.md").write_text(md)
+    return {"json": out / "results.json", "md": out / "results.md", "plots": res["plots"], "markdown": md}

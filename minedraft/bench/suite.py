@@ -1,0 +1,148 @@
+"""The whole benchmark as one plan: isolated stage timings first (no cluster running, so they are clean), then the
+modes back to back on the same workload (ar, sd, psd, then HF assisted on a subset), then the sweeps, where every
+point runs sd and psd side by side and is set next to its ideal bound.
+
+Why one plan: every mode and sweep point must see the same token ids and the same machine state, and the report
+needs them all in one results.json to compute ratios. Sweep points identical to a main-mode point reuse its run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from minedraft.bench import metrics, stages, workload
+from minedraft.bench.runs import PointSpec, headline, run_point
+
+SWEEPABLE = ("k", "batch")
+
+
+@dataclass
+class SuiteConfig:
+    target: str
+    drafts: list[str]
+    out: Path
+    spec: workload.WorkloadSpec = field(default_factory=workload.WorkloadSpec)
+    modes: list[str] = field(default_factory=lambda: ["ar", "sd", "psd", "hf"])
+    k: int = 4
+    batch: int = 16
+    device: str = "cpu"
+    concurrency: int = 0
+    runs: int = 1
+    warmup: bool = True
+    sweeps: dict[str, list[int]] = field(default_factory=dict)
+    sweep_modes: list[str] = field(default_factory=lambda: ["sd", "psd"])
+    sweep_requests: int | None = None  # default: the main workload's size, at least 2 x batch
+    hf_requests: int | None = None  # default: all requests
+    hf_threads: int = 1
+    stage_context: int | None = None  # default: mean prompt + half the mean output
+    stage_repeats: int = 7
+    progress: bool = True
+
+
+def _sweep_requests(cfg: SuiteConfig, batch: int) -> int:
+    """A sweep point needs at least 2 x batch requests, or psd's second batch would stay empty."""
+    return max(cfg.sweep_requests or cfg.spec.num_requests, 2 * batch)
+
+
+def plan_sweeps(cfg: SuiteConfig) -> list[dict]:
+    """Sweep points as {param, value, draft, k, batch, n}; a second and further --draft make a 'draft' sweep."""
+    out = []
+    for param, values in cfg.sweeps.items():
+        for v in values:
+            k, b = (v, cfg.batch) if param == "k" else (cfg.k, v)
+            out.append({"param": param, "value": v, "draft": cfg.drafts[0], "k": k, "batch": b,
+                        "n": _sweep_requests(cfg, b)})
+    if len(cfg.drafts) > 1:
+        for d in cfg.drafts:
+            out.append({"param": "draft", "value": Path(d).name, "draft": d, "k": cfg.k, "batch": cfg.batch,
+                        "n": _sweep_requests(cfg, cfg.batch)})
+    return out
+
+
+def run_suite(cfg: SuiteConfig, log=print) -> dict:
+    from minedraft.runtime.checkpoint import load_tokenizer
+
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    sweeps = plan_sweeps(cfg)
+    n_max = max([cfg.spec.num_requests] + [p["n"] for p in sweeps])
+    all_requests = workload.build(replace(cfg.spec, num_requests=n_max), load_tokenizer(cfg.target))
+    main_requests = all_requests[:cfg.spec.num_requests]
+    wl = workload.stats(main_requests)
+    log(f"workload: {cfg.spec.describe()}: {wl}")
+
+    context = cfg.stage_context or int(wl["prompt_tokens_mean"] + wl["output_tokens_mean"] / 2)
+    stage_points = [(cfg.drafts[0], cfg.k, cfg.batch)] + [(p["draft"], p["k"], p["batch"]) for p in sweeps]
+    log(f"stage timings at context {context} for {len(set(stage_points))} (draft, k, batch) points ...")
+    timings = stages.time_grid(cfg.target, stage_points, context, progress=cfg.progress, repeats=cfg.stage_repeats,
+                               device=cfg.device)
+    stage_of = {key: t.as_dict() for key, t in timings.items()}
+
+    def spec_for(mode: str, draft: str, k: int, batch: int) -> PointSpec:
+        return PointSpec(mode, cfg.target, draft, k=k, batch=batch, device=cfg.device,
+                         concurrency=cfg.concurrency, warmup=cfg.warmup, runs=cfg.runs)
+
+    done: dict[tuple, dict] = {}  # (mode, draft, k, batch, n) -> point, so identical points run once
+
+    def point(mode: str, draft: str, k: int, batch: int, n: int) -> dict:
+        key = (mode, draft, k, batch, n)
+        if key not in done:
+            log(f"running {mode} k={k} batch={batch} draft={Path(draft).name} on {n} requests ...")
+            done[key] = run_point(spec_for(mode, draft, k, batch), all_requests[:n], cfg.out, cfg.progress)
+            h = headline(done[key])
+            log(f"  {h['tps']:.1f} tok/s, e2e mean {h['e2e_mean']:.0f} ms, acceptance {h['acceptance']:.2f}, "
+                f"failed {h['failed']}")
+        return done[key]
+
+    main = {}
+    for mode in [m for m in cfg.modes if m in ("ar", "sd", "psd")]:
+        main[mode] = point(mode, cfg.drafts[0], cfg.k, cfg.batch, cfg.spec.num_requests)
+    hf = None
+    if "hf" in cfg.modes:
+        from minedraft.bench import hf_assisted
+
+        sub = workload.subset(main_requests, cfg.hf_requests or len(main_requests))
+        log(f"HF assisted generation on {len(sub)} of {len(main_requests)} requests, one at a time, "
+            f"{cfg.hf_threads} torch thread(s) ...")
+        hf = hf_assisted.run(cfg.target, cfg.drafts[0], sub, cfg.k, cfg.hf_threads, cfg.device, cfg.progress)
+
+    main_stage = stage_of[(cfg.drafts[0], cfg.k, cfg.batch)]
+    comparison = _compare(main, main_stage, hf)
+
+    sweep_rows = []
+    for p in sweeps:
+        pts = {m: point(m, p["draft"], p["k"], p["batch"], p["n"]) for m in cfg.sweep_modes}
+        st = stage_of[(p["draft"], p["k"], p["batch"])]
+        sweep_rows.append({**p, "stage": st, "points": {m: headline(v) for m, v in pts.items()},
+                           "names": {m: v["name"] for m, v in pts.items()},
+                           "comparison": _compare(pts, st, None)})
+    return {"config": _config_dict(cfg), "workload": {**wl, "spec": cfg.spec.describe()},
+            "stage_context": context, "stages": list(stage_of.values()), "main_stage": main_stage,
+            "modes": main, "main_headline": {m: headline(v) for m, v in main.items()},
+            "hf_assisted": hf, "comparison": comparison, "sweeps": sweep_rows}
+
+
+def _compare(points: dict, stage: dict, hf: dict | None) -> dict:
+    h = {m: headline(v) for m, v in points.items()}
+    get = lambda m, key: h[m][key] if m in h else math.nan  # noqa: E731
+    out = metrics.psd_comparison(get("psd", "tps"), get("sd", "tps"), stage["ideal_bound"])
+    out.update(psd_over_ar=metrics.ratio(get("psd", "tps"), get("ar", "tps")),
+               sd_over_ar=metrics.ratio(get("sd", "tps"), get("ar", "tps")),
+               e2e_psd_over_sd=metrics.ratio(get("psd", "e2e_mean"), get("sd", "e2e_mean")),
+               e2e_psd_over_ar=metrics.ratio(get("psd", "e2e_mean"), get("ar", "e2e_mean")),
+               draft_ms=stage["draft_ms"], verify_ms=stage["verify_ms"])
+    if hf:
+        out["psd_over_hf"] = metrics.ratio(get("psd", "tps"), hf["output_tps"])
+        out["sd_over_hf"] = metrics.ratio(get("sd", "tps"), hf["output_tps"])
+    return out
+
+
+def _config_dict(cfg: SuiteConfig) -> dict:
+    from dataclasses import asdict
+
+    d = {k: v for k, v in asdict(cfg).items() if k != "spec"}
+    d["out"] = str(cfg.out)
+    d["workload"] = asdict(cfg.spec)
+    d["workload"]["rate"] = None if math.isinf(cfg.spec.rate) else cfg.spec.rate
+    return d

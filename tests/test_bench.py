@@ -1,0 +1,215 @@
+"""`minedraft bench`: the pure parts (percentiles, ratios, ideal bound, Poisson arrivals, trace parsing, targets)
+unit-tested on synthetic data, plus one small real run of the command (4 requests x 8 tokens, sd and psd)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from minedraft.bench import metrics, targets, tracefile, workload
+from minedraft.bench.cli import parse_sweeps
+from minedraft.bench.client import RequestResult
+from minedraft.bench.stages import ideal_bound
+from minedraft.config import DEMO_DRAFT, DEMO_TARGET, REPO_ROOT
+
+TARGET = os.environ.get("MINEDRAFT_TEST_TARGET", DEMO_TARGET)
+DRAFT = os.environ.get("MINEDRAFT_TEST_DRAFT", DEMO_DRAFT)
+
+
+# ---- metrics ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("p", [0, 1, 37.5, 50, 90, 99, 100])
+def test_percentile_matches_numpy(p):
+    vals = list(np.random.default_rng(3).exponential(size=101))
+    assert metrics.percentile(vals, p) == pytest.approx(float(np.percentile(vals, p)))
+    assert metrics.percentile([4.0], p) == 4.0
+
+
+def test_percentile_edges():
+    assert math.isnan(metrics.percentile([], 50))
+    with pytest.raises(ValueError):
+        metrics.percentile([1.0], 101)
+
+
+def test_ratio_and_busy_fraction():
+    assert metrics.ratio(3.0, 2.0) == 1.5
+    assert math.isnan(metrics.ratio(1.0, 0.0)) and math.isnan(metrics.ratio(math.nan, 1.0))
+    assert metrics.busy_fraction(10.0, 12.5, 5.0) == 0.5
+    assert math.isnan(metrics.busy_fraction(None, 1.0, 5.0))
+
+
+def test_ideal_bound():
+    assert ideal_bound(10, 10) == 2.0
+    assert ideal_bound(5, 15) == pytest.approx(20 / 15)
+    assert ideal_bound(30, 10) == pytest.approx(4 / 3)
+    with pytest.raises(ValueError):
+        ideal_bound(0, 0)
+
+
+def test_psd_comparison_fractions():
+    c = metrics.psd_comparison(psd_tps=150.0, sd_tps=100.0, ideal=2.0)
+    assert c["psd_over_sd"] == 1.5 and c["fraction_of_ideal"] == 0.75 and c["gain_fraction"] == 0.5
+    assert math.isnan(metrics.psd_comparison(150.0, 100.0, 1.0)["gain_fraction"])
+
+
+def _result(i, sent, first, end, tokens, drafted=0, accepted=0, steps=0, error=""):
+    return RequestResult(i, 10, tokens, 0.0, sent, first, end, tokens, drafted, accepted, steps, error)
+
+
+def test_summarize_requests():
+    rs = [_result(0, 0.0, 0.1, 1.1, 11, drafted=40, accepted=30, steps=11),
+          _result(1, 0.5, 0.7, 2.7, 21, drafted=80, accepted=40, steps=21),
+          _result(2, 0.0, None, None, 0, error="UNAVAILABLE: gone")]
+    m = metrics.summarize(rs, wall_s=3.0)
+    assert m["failed"] == 1 and m["errors"] == ["UNAVAILABLE: gone"]
+    assert m["output_tokens"] == 32 and m["output_tps"] == pytest.approx(32 / 3)
+    assert m["e2e_ms"]["mean"] == pytest.approx(1650.0)
+    assert m["ttft_ms"]["p50"] == pytest.approx(150.0)
+    assert m["tpot_ms"]["mean"] == pytest.approx(100.0)  # 1.0 s / 10 and 2.0 s / 20
+    assert m["acceptance_rate"] == pytest.approx(70 / 120)
+    assert m["mean_accepted_per_step"] == pytest.approx(70 / 30)  # decode steps exclude the prefill step
+    ar = metrics.summarize([_result(0, 0.0, 0.1, 1.0, 5, steps=5)], 1.0)
+    assert math.isnan(ar["acceptance_rate"]) and math.isnan(ar["mean_accepted_per_step"])
+
+
+def test_merge_runs_means_and_spread():
+    a = {"output_tps": 100.0, "e2e_ms": {"mean": 10.0}, "errors": []}
+    b = {"output_tps": 200.0, "e2e_ms": {"mean": 30.0}, "errors": []}
+    m = metrics.merge_runs([a, b])
+    assert m["output_tps"] == 150.0 and m["e2e_ms"]["mean"] == 20.0
+    assert (m["runs"], m["output_tps_min"], m["output_tps_max"]) == (2, 100.0, 200.0)
+
+
+# ---- workload -----------------------------------------------------------------------------------------------------
+def test_poisson_arrivals_deterministic():
+    a = workload.poisson_arrivals(500, rate=4.0, seed=7)
+    assert a == workload.poisson_arrivals(500, rate=4.0, seed=7)
+    assert a != workload.poisson_arrivals(500, rate=4.0, seed=8)
+    assert a[0] == 0.0 and all(x <= y for x, y in zip(a, a[1:]))
+    assert a[-1] / 499 == pytest.approx(0.25, rel=0.15)  # mean gap 1/rate
+    assert workload.poisson_arrivals(3, math.inf) == [0.0, 0.0, 0.0]
+    assert workload.poisson_arrivals(0, 2.0) == []
+
+
+class _Tok:
+    def encode(self, text, add_special_tokens=False):
+        return [ord(c) % 50 for c in text]
+
+
+def test_build_workload_filters_and_lengths():
+    convs = [{"id": f"c{i}", "conversations": [{"from": "human", "value": "q" * (5 * i + 1)},
+                                               {"from": "gpt", "value": "a" * (3 * i + 2)}]} for i in range(20)]
+    spec = workload.WorkloadSpec(num_requests=6, output_len=None, max_output_len=20, min_prompt_tokens=40,
+                                 max_prompt_tokens=90, rate=2.0, split="all", seed=1)
+    reqs = workload.build(spec, _Tok(), convs)
+    assert len(reqs) == 6
+    assert all(40 <= len(r.prompt_ids) <= 90 for r in reqs)
+    assert all(1 <= r.output_len <= 20 for r in reqs) and reqs[-1].output_len == 20
+    assert [r.arrival_s for r in reqs] == workload.poisson_arrivals(6, 2.0, 1)
+    many = workload.build(workload.WorkloadSpec(num_requests=50, split="all"), _Tok(), convs)
+    assert workload.stats(many)["distinct_prompts"] == 20  # reused round-robin
+    sub = workload.subset(reqs, 2, max_output=4)
+    assert [(r.output_len, r.arrival_s) for r in sub] == [(4, 0.0), (4, 0.0)]
+
+
+# ---- trace --------------------------------------------------------------------------------------------------------
+def _trace_lines():
+    recs = [  # tick 0: sd-like (draft then verify); tick 1: psd-like (overlapped)
+        {"kind": "draft", "tick": 0, "start": 0.001, "end": 0.011, "size": 4, "compute_ms": 8.0},
+        {"kind": "verify", "tick": 0, "start": 0.012, "end": 0.032, "size": 4, "compute_ms": 18.0},
+        {"kind": "tick", "tick": 0, "t": 1.0, "dur": 0.034, "verify_batch": 4, "draft_batch": 0},
+        {"kind": "verify", "tick": 1, "start": 0.001, "end": 0.021, "size": 4, "compute_ms": 19.0},
+        {"kind": "draft", "tick": 1, "start": 0.001, "end": 0.015, "size": 4, "compute_ms": 12.0},
+        {"kind": "tick", "tick": 1, "t": 1.035, "dur": 0.022, "verify_batch": 4, "draft_batch": 4},
+    ]
+    return [json.dumps(r) for r in recs]
+
+
+def test_trace_parsing_and_overheads():
+    t0, t1 = tracefile.parse(_trace_lines())
+    assert [c.kind for c in t0.calls] == ["draft", "verify"] and len(t1.calls) == 2
+    assert t0.covered() == pytest.approx(0.030)  # 10 ms + 20 ms, sequential
+    assert t0.router_overhead == pytest.approx(0.004)
+    assert t0.grpc_overhead == pytest.approx(0.030 - 0.026)  # compute 8 + 18 ms
+    assert t1.covered() == pytest.approx(0.020)  # overlapped: the union is the longer call
+    assert t1.router_overhead == pytest.approx(0.002)
+    assert t1.grpc_overhead == pytest.approx(0.001)  # compute covers [0.002, 0.021]
+    busy = t1.busy("draft")
+    assert busy[0] == pytest.approx((1.036, 1.038, 1.050))
+    s = tracefile.summarize([t0, t1])
+    assert s["ticks"] == 2 and s["step_ms"] == pytest.approx(28.0)
+    assert s["overhead_frac"] == pytest.approx((0.004 + 0.004 + 0.002 + 0.001) / 0.056)
+    assert s["between_ticks_ms_median"] == pytest.approx(1.0)
+    assert tracefile.summarize([t0, t1], batch_filter=16) == {"ticks": 0}
+
+
+def test_trace_read_offset_and_window(tmp_path):
+    f = tmp_path / "t.jsonl"
+    lines = _trace_lines()
+    f.write_text("\n".join(lines[:3]) + "\n")
+    offset = f.stat().st_size
+    with f.open("a") as fh:
+        fh.write("\n".join(lines[3:]) + "\n")
+    assert [t.tick for t in tracefile.read(f)] == [0, 1]
+    assert [t.tick for t in tracefile.read(f, offset)] == [1]
+    ticks = [tracefile.Tick(i, i * 0.01, 0.5 if i in (3, 30) else 0.01, 4, 4) for i in range(40)]
+    win = tracefile.window(ticks, 20)
+    assert len(win) == 20 and all(t.dur < 0.1 for t in win)
+
+
+# ---- cli and targets ----------------------------------------------------------------------------------------------
+def test_parse_sweeps():
+    assert parse_sweeps(["k=1,2,4,8", "batch=1,32"]) == {"k": [1, 2, 4, 8], "batch": [1, 32]}
+    for bad in ("temperature=1", "k", "k=0"):
+        with pytest.raises(Exception):
+            parse_sweeps([bad])
+
+
+def _headline(mode, tps, e2e, batch=16, overhead=0.03):
+    return {"mode": mode, "batch": batch, "tps": tps, "e2e_mean": e2e, "ttft_mean": 1.0, "tpot_mean": 1.0,
+            "step_ms": 10.0, "drafter_busy": 0.5, "verifier_busy": 0.9, "overhead_frac": overhead,
+            "router_ms": 0.1, "grpc_ms": 0.2, "acceptance": 0.5}
+
+
+def test_targets_verdicts():
+    stage = {"draft_ms": 10.0, "verify_ms": 10.0, "ideal_bound": 2.0, "k": 4, "batch": 16}
+    res = {"main_headline": {"sd": _headline("sd", 100.0, 1000.0), "psd": _headline("psd", 190.0, 600.0)},
+           "main_stage": stage, "workload": {"requests": 32}, "config": {"concurrency": 0},
+           "comparison": {**metrics.psd_comparison(190.0, 100.0, 2.0), "e2e_psd_over_sd": 0.6, "psd_over_hf": 5.0},
+           "hf_assisted": {"output_tps": 38.0}, "sweeps": []}
+    v = {t["target"].split()[0] + str(i): t["met"] for i, t in enumerate(targets.evaluate(res))}
+    assert list(v.values()) == [True, True, True, True, True]
+    res["comparison"]["e2e_psd_over_sd"] = 0.9
+    res["main_headline"]["psd"]["overhead_frac"] = 0.08
+    got = targets.evaluate(res)
+    assert [t["met"] for t in got] == [True, True, False, False, True]
+    assert "TTFT" in got[2]["why"]
+
+
+# ---- one real run -------------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not (Path(TARGET) / "config.json").is_file() or not (Path(DRAFT) / "config.json").is_file(),
+                    reason="demo models not present")
+def test_bench_command_smoke(tmp_path):
+    """`minedraft bench` end to end with real processes: 4 requests x 8 tokens, sd and psd (~30 s on 2 cores)."""
+    out = tmp_path / "bench"
+    cmd = [sys.executable, "-m", "minedraft.cli", "bench", "--target", TARGET, "--draft", DRAFT, "-n", "4",
+           "--output-len", "8", "--max-batch-size", "2", "--modes", "sd,psd", "--stage-repeats", "2",
+           "--no-progress", "--out", str(out)]
+    p = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    for mode in ("sd", "psd"):
+        m = res["modes"][mode]["metrics"]
+        assert m["failed"] == 0 and m["output_tokens"] == 32 and m["output_tps"] > 0
+        assert m["drafted"] > 0 and 0 <= m["acceptance_rate"] <= 1
+        assert 0 < m["verifier_busy"] <= 1.05 and m["trace"]["ticks"] > 0
+        assert res["modes"][mode]["exit_codes"] == {"router": 0, "drafter": 0, "verifier": 0}
+    assert res["comparison"]["ideal_bound"] > 1 and res["comparison"]["psd_over_sd"] > 0
+    assert (out / "results.md").read_text().startswith("# minedraft bench results")
+    assert (out / "timeline.png").stat().st_size > 0 and (out / "throughput_vs_batch.png").stat().st_size > 0
