@@ -59,6 +59,7 @@ class Cluster:
     verifier_args: list[str] = field(default_factory=list)
     log_dir: str = ""  # when set, each process logs to <role>.log there; else inherits our stdout/stderr
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    _spawned: dict[str, tuple[str, list[str]]] = field(default_factory=dict)
 
     @property
     def address(self) -> str:
@@ -74,7 +75,23 @@ class Cluster:
         proc = subprocess.Popen([sys.executable, "-m", module, *args], env=env, stdout=out, stderr=subprocess.STDOUT
                                 if out else None, start_new_session=True)
         self.procs[role] = proc
+        self._spawned[role] = (module, args)
         return proc
+
+    def port_of(self, role: str) -> int:
+        return {"router": self.router_port, "drafter": self.drafter_port, "verifier": self.verifier_port}[role]
+
+    def kill(self, role: str, sig: int = signal.SIGKILL) -> None:
+        """Fault injection: kill one service (SIGKILL by default, so it cannot clean up)."""
+        p = self.procs[role]
+        p.send_signal(sig)
+        p.wait()
+
+    def restart(self, role: str, timeout_s: float = 120.0) -> None:
+        """Start a killed service again on the same port, with the same flags, and wait until it serves."""
+        module, args = self._spawned[role]
+        proc = self._spawn(role, module, args)
+        wait_serving(f"127.0.0.1:{self.port_of(role)}", timeout_s, proc)
 
     def start(self, timeout_s: float = 300.0) -> "Cluster":
         self.router_port = self.router_port or free_port()

@@ -23,7 +23,8 @@ from minedraft.runtime.checkpoint import load_model, load_tokenizer
 from minedraft.runtime.kv_cache import CacheFull
 from minedraft.runtime.runner import Extend, ModelRunner
 from minedraft.runtime.sampling import SamplingParams
-from minedraft.runtime.transport import TensorExporter, TensorImporter, TransportError, host_id, tensor_digest
+from minedraft.runtime.transport import (TensorExporter, TensorImporter, TransportError, host_id, sweep_orphans,
+                                         tensor_digest)
 from minedraft.v1 import common_pb2, model_service_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ class ModelService:
 
     def load(self) -> None:
         cfg = self.cfg
+        sweep_orphans()
         self.model = load_model(cfg.model, cfg.device, cfg.dtype)
         self.runner = ModelRunner(self.model, cfg.kv_cache_tokens, cfg.block_size)
         self.tokenizer_digest = vocab_digest(load_tokenizer(cfg.model))
@@ -139,7 +141,7 @@ class ModelService:
                 probe = torch.arange(1024, dtype=torch.float32, device=self.device if kind == "cuda_ipc" else "cpu")
                 ref = self.exporter.export(probe, kind)
                 return pb.ProbeReply(ref=ref, digest=tensor_digest(probe))
-            t = self.importer.open(request.open, allow_untrusted=True)
+            t = self.importer.open(request.open, allow_untrusted=True, consume=False)
             kind = request.open.WhichOneof("payload")
             creator = request.open.shm.creator if kind == "shm" else request.open.cuda_ipc.creator
             if creator:

@@ -17,6 +17,7 @@ import mmap
 import os
 import re
 import secrets
+import struct
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 SHM_DIR = Path("/dev/shm")
 SHM_PREFIX = "minedraft-"
 TOKEN_BYTES = 16
-_HEADER = 64  # token, then padding so the payload stays 64-byte aligned
+_HEADER = 64  # token, creator pid, creator pid-namespace inode, padding (keeps the payload 64-byte aligned)
 _NAME_RE = re.compile(r"^minedraft-[0-9a-f]{12}-[0-9]+$")
 
 
@@ -44,6 +45,42 @@ def host_id() -> str:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
         return os.uname().nodename
+
+
+def _pid_namespace() -> int:
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_orphans() -> list[str]:
+    """Unlink our segments whose creator died without cleaning up (kill -9). Only segments made in our own PID
+    namespace are judged: a pid from another container means nothing here."""
+    removed, ns = [], _pid_namespace()
+    for name in leftover_segments():
+        try:
+            with open(SHM_DIR / name, "rb") as f:
+                header = f.read(_HEADER)
+            pid, creator_ns = struct.unpack_from("<QQ", header, TOKEN_BYTES)
+            if creator_ns == ns and ns and not _alive(pid):
+                (SHM_DIR / name).unlink()
+                removed.append(name)
+        except (OSError, struct.error):
+            continue
+    if removed:
+        log.warning("removed %d shared-memory segments left by dead processes", len(removed))
+    return removed
 
 
 def tensor_digest(t: torch.Tensor) -> bytes:
@@ -114,6 +151,7 @@ class TensorExporter:
             os.ftruncate(fd, _HEADER + data.nbytes)
             with mmap.mmap(fd, _HEADER + data.nbytes) as m:
                 m[:TOKEN_BYTES] = token
+                m[TOKEN_BYTES:TOKEN_BYTES + 16] = struct.pack("<QQ", os.getpid(), _pid_namespace())
                 m[_HEADER:] = data.tobytes()
         finally:
             os.close(fd)
@@ -170,23 +208,32 @@ class TensorImporter:
     def trust(self, creator: str) -> None:
         self.trusted_creators.add(creator)
 
-    def open(self, ref: common_pb2.TensorRef, *, allow_untrusted: bool = False) -> torch.Tensor:
+    def open(self, ref: common_pb2.TensorRef, *, allow_untrusted: bool = False, consume: bool = True) -> torch.Tensor:
+        """Read a tensor. `consume` unlinks a shm segment once read (draft buffers are read exactly once)."""
         kind = ref.WhichOneof("payload")
         if kind == "inline_data":
             dt = _check_size(ref, len(ref.inline_data))
             t = torch.frombuffer(bytearray(ref.inline_data), dtype=torch.uint8).view(dt).view(*ref.shape)
             return t.to(self.device)
         if kind == "shm":
-            return self._open_shm(ref, allow_untrusted).to(self.device)
+            return self._open_shm(ref, allow_untrusted, consume).to(self.device)
         if kind == "cuda_ipc":
             return self._open_cuda(ref, allow_untrusted)
         raise TransportError("tensor reference carries no payload")
+
+    def discard(self, ref: common_pb2.TensorRef) -> None:
+        """Free a buffer we will never read (its producer died): same checks as reading, then unlink."""
+        if ref.WhichOneof("payload") == "shm":
+            try:
+                self._open_shm(ref, allow_untrusted=False, consume=True)
+            except TransportError as exc:
+                log.info("discard of %s skipped: %s", ref.shm.name, exc)
 
     def _check_creator(self, creator: str, allow_untrusted: bool) -> None:
         if not allow_untrusted and creator not in self.trusted_creators:
             raise TransportError(f"buffer from {creator!r}, a service this verifier was not introduced to")
 
-    def _open_shm(self, ref: common_pb2.TensorRef, allow_untrusted: bool) -> torch.Tensor:
+    def _open_shm(self, ref: common_pb2.TensorRef, allow_untrusted: bool, consume: bool) -> torch.Tensor:
         s = ref.shm
         self._check_creator(s.creator, allow_untrusted)
         if not _NAME_RE.match(s.name) or not s.name.startswith(f"{SHM_PREFIX}{s.creator}-"):
@@ -207,6 +254,11 @@ class TensorImporter:
                 payload = bytearray(m[_HEADER:])
         finally:
             os.close(fd)
+        if consume:  # one-shot buffer: unlinking on read leaves nothing behind even if the producer dies now
+            try:
+                (SHM_DIR / s.name).unlink()
+            except FileNotFoundError:
+                pass
         return torch.frombuffer(payload, dtype=torch.uint8).view(dt).view(*ref.shape) if payload else \
             torch.empty(*ref.shape, dtype=dt)
 

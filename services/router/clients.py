@@ -18,11 +18,12 @@ log = logging.getLogger(__name__)
 
 
 class ServiceError(Exception):
-    """A step failed; `code` is the gRPC status the affected requests should end with."""
+    """A step failed; `code` is the gRPC status the affected requests should end with. `lost` means the replica
+    itself is gone (connection, session or deadline failure): its caches are lost, but the requests are not."""
 
-    def __init__(self, code: grpc.StatusCode, message: str):
+    def __init__(self, code: grpc.StatusCode, message: str, lost: bool = False, source: str = ""):
         super().__init__(message)
-        self.code = code
+        self.code, self.lost, self.source = code, lost, source
 
 
 def _status(code_number: int) -> grpc.StatusCode:
@@ -74,23 +75,28 @@ class ModelClient:
             request.step_id = next(self._ids)
             t = time.perf_counter()
             try:
-                await self._session.write(request)
-                resp = await asyncio.wait_for(self._session.read(), self.timeout_s)
+                resp = await asyncio.wait_for(self._exchange(request), self.timeout_s)
             except (grpc.aio.AioRpcError, asyncio.TimeoutError, grpc.aio.UsageError) as exc:
+                self._session.cancel()
                 self._session = None
                 code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else grpc.StatusCode.UNAVAILABLE
-                raise ServiceError(code, f"{self.kind} {self.address}: {exc}") from exc
+                raise ServiceError(code, f"{self.kind} {self.address}: {exc}", lost=True, source=self.kind) from exc
             finally:
                 self.busy_s += time.perf_counter() - t
             if resp is grpc.aio.EOF:
                 self._session = None
-                raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"{self.kind} {self.address} closed the session")
+                raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"{self.kind} {self.address} closed the session",
+                                   lost=True, source=self.kind)
             if resp.step_id != request.step_id:
                 raise ServiceError(grpc.StatusCode.INTERNAL, f"{self.kind}: answer to step {resp.step_id}, "
                                                              f"expected {request.step_id}")
             if resp.WhichOneof("kind") == "error":
                 raise ServiceError(_status(resp.error.code), resp.error.message)
             return resp
+
+    async def _exchange(self, request):
+        await self._session.write(request)
+        return await self._session.read()
 
     async def close(self) -> None:
         if self._session is not None:

@@ -25,6 +25,7 @@ from minedraft.config import RouterConfig
 from minedraft.runtime.sequence import Sequence
 from minedraft.v1 import common_pb2, model_service_pb2 as pb
 from services.router.clients import ModelClient, ServiceError
+from services.router.negotiation import negotiate
 from services.router.trace import Trace
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class Engine:
         self.release_v: list[str] = []  # sequence ids to free on the verifier with its next step
         self.release_d: list[str] = []
         self.release_buffers: list[str] = []  # drafter buffers the verifier has consumed
+        self.discard_refs: list[common_pb2.TensorRef] = []  # buffers of a lost drafter, for the verifier to free
         self.wake = asyncio.Event()
         self.trace = Trace(cfg.trace_file)
         infos = [verifier.info] + ([drafter.info] if drafter else [])
@@ -79,6 +81,9 @@ class Engine:
         self.reserved = [0] * len(infos)
         self.ticks = 0
         self._task: asyncio.Task | None = None
+        self.drafter_up = drafter is not None
+        self._drafter_watch: asyncio.Task | None = None
+        self.verifier_wait_s = cfg.rpc_timeout_s  # how long running requests wait for a lost verifier to return
 
     # ---- admission ------------------------------------------------------------------------------------------------
     def _blocks(self, req: Request) -> list[int]:
@@ -145,6 +150,10 @@ class Engine:
                 await self._task
             except asyncio.CancelledError:
                 pass
+            except Exception:  # noqa: BLE001 - already logged by run(); shutting down regardless
+                log.exception("engine task had failed")
+        if self._drafter_watch is not None:
+            self._drafter_watch.cancel()
         for req in list(self.waiting) + self.batches[0] + self.batches[1]:
             req.events.put_nowait(("error", ServiceError(grpc.StatusCode.UNAVAILABLE, "router shutting down")))
             req.cancelled = True
@@ -161,21 +170,31 @@ class Engine:
 
     async def run(self) -> None:
         while True:
-            self._reap()
-            self._admit()
-            if not self.running:
-                await self._flush_releases()
-                self.wake.clear()
-                if not self.waiting:
-                    await self.wake.wait()
-                continue
             try:
-                await self._tick()
+                await self._iteration()
+            except asyncio.CancelledError:
+                raise
             except ServiceError as exc:
-                self._fail_running(exc)
+                try:
+                    if not exc.lost:
+                        raise
+                    await self._lost(exc)
+                except ServiceError as final:
+                    self._fail_running(final)
             except Exception as exc:  # a bug must not leave clients waiting forever
-                log.exception("engine tick failed")
+                log.exception("engine iteration failed")
                 self._fail_running(ServiceError(grpc.StatusCode.INTERNAL, f"router error: {exc}"))
+
+    async def _iteration(self) -> None:
+        self._reap()
+        self._admit()
+        if self.running:
+            await self._tick()
+            return
+        await self._flush_releases()
+        self.wake.clear()
+        if not self.waiting:
+            await self.wake.wait()
 
     def _fail_running(self, exc: ServiceError) -> None:
         log.error("failing %d running requests: %s %s", self.running, exc.code.name, exc)
@@ -198,17 +217,82 @@ class Engine:
         if self.mode == "psd":
             self._rebalance()
         S, O = self.batches[self.cur], self.batches[1 - self.cur]
+        speculate = self.mode != "ar" and self.drafter_up
         t0 = time.perf_counter()
-        if self.mode != "ar" and not any(r.phase == VERIFY for r in S):
+        if speculate and not any(r.phase == VERIFY for r in S):
             # Nothing stored for S: the non-overlapped first tick in psd, every tick in sd.
-            await self._draft([r for r in S if r.phase == DRAFT], t0)
-        verify_set = S + [r for r in O if r.phase == PREFILL]  # new requests prefill with S's verification
-        draft_set = [r for r in O if r.phase == DRAFT] if self.mode == "psd" else []
-        await asyncio.gather(self._verify(verify_set, t0), self._draft(draft_set, t0))
+            derr = await self._guard(self._draft([r for r in S if r.phase == DRAFT], t0))
+            if derr is not None:
+                await self._lost(derr)
+                return
+        # New requests prefill with S's verification; without a drafter everyone is verified (target-only) each tick.
+        verify_set = S + [r for r in O if r.phase == PREFILL or not speculate]
+        draft_set = [r for r in O if r.phase == DRAFT] if self.mode == "psd" and speculate else []
+        verr, derr = await asyncio.gather(self._guard(self._verify(verify_set, t0)),
+                                          self._guard(self._draft(draft_set, t0)))
+        for err in (derr, verr):
+            if err is not None:
+                await self._lost(err)  # raises if the requests cannot go on
         self.trace.tick(self.ticks, t0, time.perf_counter(), len(S), len(O))
         self.ticks += 1
-        if self.mode == "psd":
+        if self.mode == "psd" and verr is None:
             self.cur ^= 1
+
+    @staticmethod
+    async def _guard(step) -> ServiceError | None:
+        """Run one half of a tick; a lost replica is returned (handled after both halves), anything else raised."""
+        try:
+            await step
+        except ServiceError as exc:
+            if not exc.lost:
+                raise
+            return exc
+        return None
+
+    async def _lost(self, exc: ServiceError) -> None:
+        """A model service went away. The router holds every request's tokens, so nothing is lost but caches:
+        without a drafter we decode target-only until it is back; without a verifier we wait for it and re-prefill."""
+        if exc.source == "drafter":
+            log.warning("drafter lost (%s); continuing target-only until it is back", exc)
+            self.drafter_up = False
+            orphans = {}
+            for r in self.batches[0] + self.batches[1]:
+                r.seq.reset_cache("draft")
+                if r.phase == VERIFY:  # its drafts may be fine, but their probabilities died with the drafter
+                    if r.probs_ref is not None:
+                        orphans[r.probs_buffer] = r.probs_ref
+                    r.seq.drafts, r.seq.draft_probs, r.probs_ref, r.probs_buffer = [], None, None, ""
+                    r.phase = DRAFT
+            self.discard_refs.extend(orphans.values())
+            self.release_d, self.release_buffers = [], []
+            if self._drafter_watch is None or self._drafter_watch.done():
+                self._drafter_watch = asyncio.create_task(self._await_drafter())
+            return
+        log.warning("verifier lost (%s); waiting up to %.0fs for it to come back", exc, self.verifier_wait_s)
+        try:
+            await self.verifier.wait_ready(self.verifier_wait_s)
+            if self.drafter is not None and self.drafter_up:
+                self.transport = await negotiate(self.drafter, self.verifier, self.cfg.transport)
+        except (TimeoutError, Exception) as wait_exc:  # noqa: BLE001 - any failure here means: give up on them
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"verifier unavailable: {wait_exc}") from wait_exc
+        log.info("verifier back; re-prefilling %d running requests", self.running)
+        self.release_v = []
+        for r in self.batches[0] + self.batches[1]:
+            r.seq.target_cached = 0
+
+    async def _await_drafter(self) -> None:
+        while True:
+            try:
+                await self.drafter.wait_ready(timeout_s=3600)
+                self.transport = await negotiate(self.drafter, self.verifier, self.cfg.transport)
+                break
+            except Exception as exc:  # noqa: BLE001 - keep watching whatever went wrong
+                log.info("drafter still unavailable: %s", exc)
+                await asyncio.sleep(1.0)
+        log.info("drafter back at %s; speculation resumes (drafter caches re-prefill on first use)",
+                 self.drafter.address)
+        self.drafter_up = True
+        self.wake.set()
 
     async def _draft(self, reqs: list[Request], t0: float) -> None:
         if not reqs and not self.release_d and not self.release_buffers:
@@ -237,9 +321,9 @@ class Engine:
     async def _verify(self, reqs: list[Request], t0: float) -> None:
         if not reqs:
             return
-        batch = pb.VerifyBatch()
+        batch = pb.VerifyBatch(discard=self.discard_refs)
         batch.release.seq_ids.extend(self.release_v)
-        self.release_v = []
+        self.release_v, self.discard_refs = [], []
         refs = {id(r.probs_ref): r.probs_ref for r in reqs if r.phase == VERIFY and r.probs_ref is not None}
         if len(refs) > 1:
             raise ServiceError(grpc.StatusCode.INTERNAL, "one verify step got drafts from two draft steps")
@@ -275,6 +359,10 @@ class Engine:
     async def _flush_releases(self) -> None:
         """When idle, free what finished sequences still hold instead of waiting for the next step. The lists are
         cleared only once a service confirmed, so a cancelled flush (shutdown) is retried by the next one."""
+        if self.discard_refs:
+            refs = list(self.discard_refs)
+            await self.verifier.step(pb.VerifierRequest(verify=pb.VerifyBatch(discard=refs)))
+            del self.discard_refs[:len(refs)]
         if self.release_v:
             ids = list(self.release_v)
             await self.verifier.step(pb.VerifierRequest(release=pb.Release(seq_ids=ids)))

@@ -28,6 +28,8 @@ class VerifierService(ModelService):
     def verify(self, batch: pb.VerifyBatch, owned: set[str]) -> pb.VerifyResultMsg:
         t = time.perf_counter()
         self.release_result(batch.release, owned)
+        for ref in batch.discard:
+            self.importer.discard(ref)
         q = self.importer.open(batch.draft_probs) if batch.HasField("draft_probs") else None
         vocab = self.model.arch.vocab_size
         if q is not None and (q.dim() != 2 or q.shape[1] != vocab):
