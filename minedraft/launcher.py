@@ -58,6 +58,9 @@ class Cluster:
     drafter_args: list[str] = field(default_factory=list)
     verifier_args: list[str] = field(default_factory=list)
     log_dir: str = ""  # when set, each process logs to <role>.log there; else inherits our stdout/stderr
+    verifier_replicas: int = 1  # extra replicas are roles "verifier-1", "verifier-2", ... on their own ports
+    drafter_replicas: int = 1
+    extra_ports: dict[str, int] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     _spawned: dict[str, tuple[str, list[str]]] = field(default_factory=dict)
 
@@ -79,7 +82,8 @@ class Cluster:
         return proc
 
     def port_of(self, role: str) -> int:
-        return {"router": self.router_port, "drafter": self.drafter_port, "verifier": self.verifier_port}[role]
+        fixed = {"router": self.router_port, "drafter": self.drafter_port, "verifier": self.verifier_port}
+        return fixed[role] if role in fixed else self.extra_ports[role]
 
     def kill(self, role: str, sig: int = signal.SIGKILL) -> None:
         """Fault injection: kill one service (SIGKILL by default, so it cannot clean up)."""
@@ -93,27 +97,36 @@ class Cluster:
         proc = self._spawn(role, module, args)
         wait_serving(f"127.0.0.1:{self.port_of(role)}", timeout_s, proc)
 
+    @staticmethod
+    def _replica_roles(kind: str, n: int) -> list[str]:
+        return [kind] + [f"{kind}-{i}" for i in range(1, n)]
+
     def start(self, timeout_s: float = 300.0) -> "Cluster":
         self.router_port = self.router_port or free_port()
         self.drafter_port = self.drafter_port or free_port()
         self.verifier_port = self.verifier_port or free_port()
         model_args = ["--device", self.device]
+        verifiers = self._replica_roles("verifier", self.verifier_replicas)
+        drafters = self._replica_roles("drafter", self.drafter_replicas) if self.mode != "ar" else []
+        for role in verifiers[1:] + drafters[1:]:
+            self.extra_ports[role] = free_port()
         try:
-            v = self._spawn("verifier", "services.verifier", ["--port", str(self.verifier_port), *model_args,
-                                                              *(["--model", self.target] if self.target else []),
-                                                              *self.verifier_args])
-            d = None
-            if self.mode != "ar":
-                d = self._spawn("drafter", "services.drafter", ["--port", str(self.drafter_port), *model_args,
-                                                                *(["--model", self.draft] if self.draft else []),
-                                                                *self.drafter_args])
+            for role in verifiers:
+                self._spawn(role, "services.verifier", ["--port", str(self.port_of(role)), *model_args,
+                                                        *(["--model", self.target] if self.target else []),
+                                                        *self.verifier_args])
+            for role in drafters:
+                self._spawn(role, "services.drafter", ["--port", str(self.port_of(role)), *model_args,
+                                                       *(["--model", self.draft] if self.draft else []),
+                                                       *self.drafter_args])
+            addresses = {kind: ",".join(f"127.0.0.1:{self.port_of(r)}" for r in roles)
+                         for kind, roles in (("verifiers", verifiers), ("drafters", drafters or ["drafter"]))}
             r = self._spawn("router", "services.router", [
-                "--port", str(self.router_port), "--mode", self.mode,
-                "--verifiers", f"127.0.0.1:{self.verifier_port}", "--drafters", f"127.0.0.1:{self.drafter_port}",
-                *(["--tokenizer", self.target] if self.target else []), *self.router_args])
-            wait_serving(f"127.0.0.1:{self.verifier_port}", timeout_s, v)
-            if d is not None:
-                wait_serving(f"127.0.0.1:{self.drafter_port}", timeout_s, d)
+                "--port", str(self.router_port), "--mode", self.mode, "--verifiers", addresses["verifiers"],
+                "--drafters", addresses["drafters"], *(["--tokenizer", self.target] if self.target else []),
+                *self.router_args])
+            for role in verifiers + drafters:
+                wait_serving(f"127.0.0.1:{self.port_of(role)}", timeout_s, self.procs[role])
             wait_serving(self.address, timeout_s, r)
         except BaseException:
             self.stop()
@@ -124,7 +137,7 @@ class Cluster:
         """SIGTERM the router first (it frees what it holds on the services), then the services; SIGKILL
         stragglers. Returns exit codes."""
         codes = {}
-        for role in ("router", "drafter", "verifier"):
+        for role in ["router"] + sorted(r for r in self.procs if r != "router"):
             p = self.procs.get(role)
             if p is not None and p.poll() is None:
                 p.send_signal(signal.SIGTERM)

@@ -13,7 +13,8 @@ import grpc
 from minedraft.runtime.sampling import SamplingParams
 from minedraft.runtime.sequence import Sequence
 from minedraft.v1 import generate_pb2 as gpb
-from services.router.scheduler import Engine, QueueFull, Request
+from services.router.lanes import Router
+from services.router.scheduler import QueueFull, Request
 from services.router.text import TextStream
 
 log = logging.getLogger(__name__)
@@ -32,16 +33,15 @@ class GenerationServicer:
     `attach` makes it serve."""
 
     def __init__(self):
-        self.engine: Engine | None = None
+        self.router: Router | None = None
 
-    def attach(self, engine: Engine, tokenizer, info: gpb.ServerInfo) -> "GenerationServicer":
+    def attach(self, router: Router, tokenizer, info: gpb.ServerInfo) -> "GenerationServicer":
         self.tokenizer, self.info = tokenizer, info
-        self.vocab_size = engine.verifier.info.vocab_size
-        self.engine = engine
+        self.router = router
         return self
 
     async def _require_ready(self, context) -> None:
-        if self.engine is None:
+        if self.router is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "router is waiting for its model services")
 
     # ---- validation -----------------------------------------------------------------------------------------------
@@ -53,10 +53,11 @@ class GenerationServicer:
             ids = self.tokenizer.encode(req.prompt, add_special_tokens=False)
         elif kind == "prompt_ids":
             ids = list(req.prompt_ids.ids)
-            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            vocab = self.router.vocab_size
+            bad = [t for t in ids if not 0 <= t < vocab]
             if bad:
-                raise InvalidRequest(f"prompt_ids contains {len(bad)} ids outside the vocabulary [0, "
-                                     f"{self.vocab_size}), e.g. {bad[0]}")
+                raise InvalidRequest(f"prompt_ids contains {len(bad)} ids outside the vocabulary [0, {vocab}), "
+                                     f"e.g. {bad[0]}")
         else:
             raise InvalidRequest("set either prompt or prompt_ids")
         if not ids:
@@ -84,19 +85,19 @@ class GenerationServicer:
             raise InvalidRequest(f"stop: at most {MAX_STOP_STRINGS} non-empty strings of <= {MAX_STOP_CHARS} chars")
         params = self._sampling(req)
         ids = self._prompt_ids(req)
-        ctx = self.engine.max_len
+        ctx = self.router.max_len
         if len(ids) >= ctx:
             raise InvalidRequest(f"prompt has {len(ids)} tokens; the context length is {ctx}")
-        limit = min(self.engine.cfg.max_new_tokens_limit, ctx - len(ids))
+        limit = min(self.router.cfg.max_new_tokens_limit, ctx - len(ids))
         if req.max_new_tokens <= 0:
             raise InvalidRequest(f"max_new_tokens must be >= 1, got {req.max_new_tokens}")
         if req.max_new_tokens > limit:
             raise InvalidRequest(f"max_new_tokens {req.max_new_tokens} too large: at most {limit} for a "
                                  f"{len(ids)}-token prompt (context {ctx}, limit "
-                                 f"{self.engine.cfg.max_new_tokens_limit})")
-        seq = Sequence(uuid.uuid4().hex, ids, params, req.max_new_tokens, ctx, self.engine.eos_ids, req.ignore_eos)
+                                 f"{self.router.cfg.max_new_tokens_limit})")
+        seq = Sequence(uuid.uuid4().hex, ids, params, req.max_new_tokens, ctx, self.router.eos_ids, req.ignore_eos)
         r = Request(seq=seq, sampling=req.sampling)
-        if not self.engine.fits_ever(r):
+        if not self.router.fits_ever(r):
             raise QueueFull(f"request needs more KV cache than a model service has ({len(ids)} + {req.max_new_tokens}"
                             " tokens)")
         return r
@@ -107,7 +108,7 @@ class GenerationServicer:
         await self._require_ready(context)
         try:
             r = self.build(req)
-            self.engine.submit(r)
+            self.router.submit(r)
         except InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except QueueFull as exc:
@@ -131,7 +132,7 @@ class GenerationServicer:
                 yield new_text, value, None, r
         finally:
             if not finished or text.stopped:
-                self.engine.cancel(r)
+                self.router.cancel(r)
 
     def _tail(self, r: Request, resp) -> None:
         resp.usage.prompt_tokens = len(r.seq.prompt)

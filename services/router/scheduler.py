@@ -18,6 +18,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Awaitable, Callable
 
 import grpc
 
@@ -49,6 +50,7 @@ class Request:
     cancelled: bool = False
     probs_ref: common_pb2.TensorRef | None = None  # where this sequence's draft probabilities live (sampled only)
     probs_buffer: str = ""
+    lane: object = None  # the Engine this request is pinned to (set by the Router)
 
     @property
     def seq_id(self) -> str:
@@ -84,6 +86,11 @@ class Engine:
         self.drafter_up = drafter is not None
         self._drafter_watch: asyncio.Task | None = None
         self.verifier_wait_s = cfg.rpc_timeout_s  # how long running requests wait for a lost verifier to return
+        self.dead = False  # this lane's verifier is gone and its requests moved to other lanes
+        self.evacuate_requested = False  # set by replica discovery when the verifier vanished from DNS
+        # Set by the Router when there are replicas: move requests elsewhere / find another drafter.
+        self.on_verifier_lost: Callable[["Engine"], Awaitable[bool]] | None = None
+        self.find_drafter: Callable[["Engine"], Awaitable[ModelClient]] | None = None
 
     # ---- admission ------------------------------------------------------------------------------------------------
     def _blocks(self, req: Request) -> list[int]:
@@ -98,6 +105,34 @@ class Engine:
             raise QueueFull(f"queue full ({self.cfg.max_queue} waiting requests)")
         self.waiting.append(req)
         self.wake.set()
+
+    @property
+    def load(self) -> int:
+        return self.running + len(self.waiting)
+
+    def adopt(self, reqs: list[Request]) -> None:
+        """Take over requests from a lane that lost its verifier: they go first and re-prefill here."""
+        self.waiting.extendleft(reversed(reqs))
+        self.wake.set()
+
+    def evacuate(self) -> list[Request]:
+        """Hand every request over (this lane's verifier is gone). Each keeps its tokens; caches start empty."""
+        self.dead = True
+        reqs = [r for r in self.batches[0] + self.batches[1] + list(self.waiting) if not r.cancelled]
+        self.batches[0].clear()
+        self.batches[1].clear()
+        self.waiting.clear()
+        self.reserved = [0] * len(self.reserved)
+        self.release_v = []
+        for r in reqs:
+            r.seq.reset_cache("draft")
+            r.seq.reset_cache("target")
+            r.seq.drafts, r.seq.draft_probs, r.phase = [], None, PREFILL
+            if r.probs_ref is not None:
+                self.discard_refs.append(r.probs_ref)
+            r.probs_ref, r.probs_buffer = None, ""
+        self.wake.set()
+        return reqs
 
     def cancel(self, req: Request) -> None:
         req.cancelled = True
@@ -169,7 +204,7 @@ class Engine:
         return len(self.batches[0]) + len(self.batches[1])
 
     async def run(self) -> None:
-        while True:
+        while not self.dead:
             try:
                 await self._iteration()
             except asyncio.CancelledError:
@@ -186,6 +221,8 @@ class Engine:
                 self._fail_running(ServiceError(grpc.StatusCode.INTERNAL, f"router error: {exc}"))
 
     async def _iteration(self) -> None:
+        if self.evacuate_requested and self.on_verifier_lost is not None and await self.on_verifier_lost(self):
+            return
         self._reap()
         self._admit()
         if self.running:
@@ -268,6 +305,8 @@ class Engine:
             if self._drafter_watch is None or self._drafter_watch.done():
                 self._drafter_watch = asyncio.create_task(self._await_drafter())
             return
+        if self.on_verifier_lost is not None and await self.on_verifier_lost(self):
+            return  # the router moved our requests to other lanes
         log.warning("verifier lost (%s); waiting up to %.0fs for it to come back", exc, self.verifier_wait_s)
         try:
             await self.verifier.wait_ready(self.verifier_wait_s)
@@ -283,6 +322,8 @@ class Engine:
     async def _await_drafter(self) -> None:
         while True:
             try:
+                if self.find_drafter is not None:  # any healthy replica will do: caches re-prefill anyway
+                    self.drafter = await self.find_drafter(self)
                 await self.drafter.wait_ready(timeout_s=3600)
                 self.transport = await negotiate(self.drafter, self.verifier, self.cfg.transport)
                 break

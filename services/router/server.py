@@ -12,40 +12,27 @@ from minedraft.v1 import generate_pb2, generate_pb2_grpc
 from services import common
 from services.model_service import vocab_digest
 from services.router.api import GenerationServicer
-from services.router.clients import ModelClient
-from services.router.negotiation import negotiate
-from services.router.scheduler import Engine
+from services.router.lanes import Router
 
 log = logging.getLogger("minedraft")
 SERVICE = generate_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
 
 
-def _addresses(spec: str) -> list[str]:
-    return [a.strip() for a in spec.split(",") if a.strip()]
-
-
 async def build(cfg: config.RouterConfig):
-    """Everything but the listening socket: (engine, tokenizer, server info, model-service clients)."""
+    """Everything but the listening socket: (router over replica lanes, tokenizer, server info)."""
     tokenizer = load_tokenizer(cfg.tokenizer)
-    verifier = ModelClient(_addresses(cfg.verifiers)[0], "verifier", cfg.max_message_mb, cfg.rpc_timeout_s)
-    drafter = None
-    if cfg.mode != "ar":
-        drafter = ModelClient(_addresses(cfg.drafters)[0], "drafter", cfg.max_message_mb, cfg.rpc_timeout_s)
-    await verifier.wait_ready()
-    if drafter:
-        await drafter.wait_ready()
-        if drafter.info.tokenizer_digest != verifier.info.tokenizer_digest:
-            raise SystemExit("drafter and verifier models use different vocabularies; speculative decoding needs one")
+    router = Router(cfg)
+    await router.start()
+    verifier = next(iter(router.verifiers.values()))
     if vocab_digest(tokenizer) != verifier.info.tokenizer_digest:
         raise SystemExit(f"tokenizer at {cfg.tokenizer} does not match the verifier's model vocabulary")
-    transport = await negotiate(drafter, verifier, cfg.transport) if drafter else "inline"
-    engine = Engine(cfg, verifier, drafter, transport)
+    drafter = next(iter(router.drafters.values()), None)
     info = generate_pb2.ServerInfo(target_model=verifier.info.model_name,
                                    draft_model=drafter.info.model_name if drafter else "", mode=cfg.mode,
-                                   num_speculative_tokens=cfg.num_speculative_tokens, max_context=engine.max_len,
-                                   max_batch_size=cfg.max_batch_size, drafter_replicas=[drafter.address] if drafter
-                                   else [], verifier_replicas=[verifier.address])
-    return engine, tokenizer, info, [c for c in (drafter, verifier) if c]
+                                   num_speculative_tokens=cfg.num_speculative_tokens, max_context=router.max_len,
+                                   max_batch_size=cfg.max_batch_size, drafter_replicas=list(router.drafters),
+                                   verifier_replicas=list(router.verifiers))
+    return router, tokenizer, info
 
 
 async def _serve(cfg: config.RouterConfig) -> None:
@@ -60,18 +47,12 @@ async def _serve(cfg: config.RouterConfig) -> None:
     await server.start()
     log.info("router listening on %s:%d (mode %s, k=%d, batch %d)", cfg.host, cfg.port, cfg.mode,
              cfg.num_speculative_tokens, cfg.max_batch_size)
-    engine, tokenizer, info, clients = await build(cfg)
-    servicer.attach(engine, tokenizer, info)
-    engine.start()
+    router, tokenizer, info = await build(cfg)
+    servicer.attach(router, tokenizer, info)
     await common.set_serving(health, [SERVICE], True)
-    log.info("router SERVING (transport %s)", engine.transport)
-
-    async def on_stop():
-        await engine.stop()
-        for c in clients:
-            await c.close()
-
-    await common.serve_until_signal(server, on_stop)
+    log.info("router SERVING: %d verifier and %d drafter replicas (transport %s)", len(router.verifiers),
+             len(router.drafters), router.transport)
+    await common.serve_until_signal(server, router.stop)
 
 
 def main(argv=None) -> None:
