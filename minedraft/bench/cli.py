@@ -62,7 +62,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--concurrency", type=int, default=0, help="max requests in flight from the client (0: no cap)")
     g.add_argument("--seed", type=int, default=0)
     g = b.add_argument_group("system")
-    g.add_argument("--modes", default="ar,sd,psd,hf", help="comma list of ar, sd, psd, hf (HF assisted)")
+    g.add_argument("--modes", default="ar,sd,psd,hf", help="comma list of ar, sd, psd, hf (HF assisted) and sd2b "
+                   "(sd with one batch of 2 x --max-batch-size: as many requests in flight as psd)")
     g.add_argument("-k", type=int, default=4, help="draft tokens per step")
     g.add_argument("--max-batch-size", type=int, default=16, help="sequences per in-flight batch (psd keeps two)")
     g.add_argument("--runs", type=int, default=1, help="measured runs per point (after one warm-up round)")
@@ -105,9 +106,9 @@ def config_from_args(args):
                         min_prompt_tokens=args.min_prompt_tokens, max_prompt_tokens=args.max_prompt_tokens,
                         rate=args.rate, split=args.split, seed=args.seed)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    bad = [m for m in modes if m not in ("ar", "sd", "psd", "hf")]
+    bad = [m for m in modes if m not in ("ar", "sd", "sd2b", "psd", "hf")]
     if bad:
-        raise SystemExit(f"--modes: unknown {bad}; choose from ar, sd, psd, hf")
+        raise SystemExit(f"--modes: unknown {bad}; choose from ar, sd, sd2b, psd, hf")
     return SuiteConfig(target=args.target or DEMO_TARGET, drafts=args.draft or [DEMO_DRAFT], out=Path(args.out),
                        spec=spec, modes=modes, k=args.k, batch=args.max_batch_size, device=args.device,
                        concurrency=args.concurrency, runs=args.runs, warmup=not args.no_warmup,

@@ -50,11 +50,13 @@ def _model(path: str, device: str):
     return load_model(path, device)
 
 
-def _median_ms(fn, repeats: int, warmup: int) -> float:
+def _median_ms(fn, repeats: int, warmup: int, sync=lambda: None) -> float:
     times = []
     for i in range(warmup + repeats):
+        sync()
         t = time.perf_counter()
         fn()
+        sync()  # on a GPU the forward is asynchronous: wait for it before reading the clock
         if i >= warmup:
             times.append((time.perf_counter() - t) * 1e3)
     return statistics.median(times)
@@ -97,8 +99,9 @@ def time_stages(target_dir: str, draft_dir: str, k: int, batch: int, context: in
                                                           prompts[j][context + 1:context + 1 + k], None, greedy)
                                             for j in range(batch)])
 
-            d_ms = _median_ms(draft_step, repeats, warmup)
-            v_ms = _median_ms(verify_step, repeats, warmup)
+            sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+            d_ms = _median_ms(draft_step, repeats, warmup, sync)
+            v_ms = _median_ms(verify_step, repeats, warmup, sync)
     finally:
         torch.set_num_threads(prev_threads)
     return StageTiming(draft_dir, target_dir, k, batch, context, d_ms, v_ms, threads, repeats)

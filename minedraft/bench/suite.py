@@ -96,8 +96,11 @@ def run_suite(cfg: SuiteConfig, log=print) -> dict:
         return done[key]
 
     main = {}
-    for mode in [m for m in cfg.modes if m in ("ar", "sd", "psd")]:
-        main[mode] = point(mode, cfg.drafts[0], cfg.k, cfg.batch, cfg.spec.num_requests)
+    for mode in [m for m in cfg.modes if m in ("ar", "sd", "sd2b", "psd")]:
+        if mode == "sd2b":  # sd with psd's number of requests in flight (2 x batch) in its one batch
+            main[mode] = {**point("sd", cfg.drafts[0], cfg.k, 2 * cfg.batch, cfg.spec.num_requests), "mode": "sd2b"}
+        else:
+            main[mode] = point(mode, cfg.drafts[0], cfg.k, cfg.batch, cfg.spec.num_requests)
     hf = None
     if "hf" in cfg.modes:
         from minedraft.bench import hf_assisted
@@ -131,6 +134,8 @@ def _compare(points: dict, stage: dict, hf: dict | None) -> dict:
                sd_over_ar=metrics.ratio(get("sd", "tps"), get("ar", "tps")),
                e2e_psd_over_sd=metrics.ratio(get("psd", "e2e_mean"), get("sd", "e2e_mean")),
                e2e_psd_over_ar=metrics.ratio(get("psd", "e2e_mean"), get("ar", "e2e_mean")),
+               psd_over_sd2b=metrics.ratio(get("psd", "tps"), get("sd2b", "tps")),
+               e2e_psd_over_sd2b=metrics.ratio(get("psd", "e2e_mean"), get("sd2b", "e2e_mean")),
                draft_ms=stage["draft_ms"], verify_ms=stage["verify_ms"])
     if hf:
         out["psd_over_hf"] = metrics.ratio(get("psd", "tps"), hf["output_tps"])
