@@ -1,0 +1,236 @@
+"""Docker: build the image, `docker-compose up` (router health-gated on drafter and verifier), Generate through the
+router's published port with greedy output equal to target-only decoding computed here in-process, the router
+negotiating the zero-copy shm transport through the shared /dev/shm volume, `--scale drafter=2 --scale verifier=2`
+with both verifier replicas serving sequences, and `down` leaving nothing behind.
+
+Marker `docker` (excluded from the default run). `.ci/run` runs it through docker/ci.sh, which first makes a Docker
+engine and a local base image available. Skips when no Docker engine answers.
+
+Environment: MINEDRAFT_BASE_IMAGE (docker/build.sh's default: minedraft-base:local when present, else
+python:3.11-slim), MINEDRAFT_COMPOSE (compose command; default `docker-compose` when installed, else
+`docker compose`), MINEDRAFT_TEST_IMAGE (tag to build, default minedraft-serve:test).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+
+from minedraft.config import DEMO_TARGET
+
+pytestmark = pytest.mark.docker
+
+ROOT = Path(__file__).resolve().parent.parent
+IMAGE = os.environ.get("MINEDRAFT_TEST_IMAGE", "minedraft-serve:test")
+COMPOSE_FILES = ["-f", "docker-compose.yml", "-f", "docker-compose.override.yml"]
+PROMPTS = [
+    "Hello, how are you?",
+    "Write a Python function that reverses a string.",
+    "What is the capital of France?",
+    "Summarise the plot of a detective story in three sentences.",
+]
+BUDGETS = [40, 24, 12, 32]
+TIMINGS: dict[str, float] = {}
+
+
+def chat(p: str) -> str:
+    return f"<|user|>\n{p}\n<|assistant|>\n"
+
+
+def run(args: list[str], timeout: float = 300, env: dict | None = None, check: bool = True) -> str:
+    """Run a command in the repository root; stdout+stderr as text. On failure, the output's tail is in the error."""
+    p = subprocess.run(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                       timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{shlex.join(args)} exited {p.returncode}:\n{p.stdout[-4000:]}")
+    return p.stdout
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def compose_command() -> list[str]:
+    if os.environ.get("MINEDRAFT_COMPOSE"):
+        return shlex.split(os.environ["MINEDRAFT_COMPOSE"])
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    return ["docker", "compose"]
+
+
+@pytest.fixture(scope="module")
+def docker_engine():
+    if shutil.which("docker") is None:
+        pytest.skip("no docker CLI (docker/start-dockerd.sh installs and starts an engine)")
+    if subprocess.run(["docker", "info"], capture_output=True, timeout=60).returncode != 0:
+        pytest.skip("no Docker engine answers `docker info` (docker/start-dockerd.sh starts one)")
+
+
+@pytest.fixture(scope="module")
+def image(docker_engine):
+    t0 = time.monotonic()
+    out = run(["bash", "docker/build.sh", "-t", IMAGE], timeout=2400)
+    TIMINGS["image build (s)"] = time.monotonic() - t0
+    size = run(["docker", "image", "inspect", "-f", "{{.Size}}", IMAGE]).strip()
+    TIMINGS["image size (MB)"] = int(size) / 1e6
+    assert "built " + IMAGE in out
+    return IMAGE
+
+
+class Project:
+    def __init__(self, name: str, port: int):
+        self.name, self.port = name, port
+        self.env = dict(os.environ, MINEDRAFT_IMAGE=IMAGE, MINEDRAFT_PORT=str(port), COMPOSE_PROJECT_NAME=name)
+
+    def compose(self, *args: str, timeout: float = 600) -> str:
+        return run([*compose_command(), "-p", self.name, *COMPOSE_FILES, *args], timeout=timeout, env=self.env)
+
+    def containers(self, service: str | None = None, all_states: bool = False) -> list[str]:
+        args = ["docker", "ps", "-q", "--no-trunc", "--filter", f"label=com.docker.compose.project={self.name}"]
+        if all_states:
+            args.append("-a")
+        if service:
+            args += ["--filter", f"label=com.docker.compose.service={service}"]
+        return run(args).split()
+
+    def health(self, cid: str) -> str:
+        return run(["docker", "inspect", "-f", "{{if .State.Health}}{{.State.Health.Status}}{{end}}", cid]).strip()
+
+    def wait_healthy(self, counts: dict[str, int], timeout_s: float = 300) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            states = {s: [self.health(c) for c in self.containers(s)] for s in counts}
+            if all(len(v) == counts[s] and all(h == "healthy" for h in v) for s, v in states.items()):
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not healthy after {timeout_s:.0f}s: {states}\n{self.logs()[-6000:]}")
+            time.sleep(2)
+
+    def logs(self, service: str = "") -> str:
+        return run([*compose_command(), "-p", self.name, *COMPOSE_FILES, "logs", "--no-color",
+                    *([service] if service else [])], env=self.env, check=False)
+
+    def model_info(self, cid: str, kind: str):
+        """GetModelInfo of one replica, asked from inside its container (model services publish no port)."""
+        port = 50062 if kind == "verifier" else 50061
+        code = ("import grpc; from minedraft.v1 import model_service_pb2 as m, model_service_pb2_grpc as g; "
+                f"i = g.{kind.capitalize()}Stub(grpc.insecure_channel('127.0.0.1:{port}'))"
+                ".GetModelInfo(m.ModelInfoRequest(), timeout=20); print(i.busy_seconds)")
+        return float(run(["docker", "exec", cid, "python", "-c", code], timeout=60).strip().splitlines()[-1])
+
+    def down(self) -> None:
+        self.compose("down", "-v", "--remove-orphans", "-t", "20", timeout=300)
+
+
+@pytest.fixture(scope="module")
+def project(image, tmp_path_factory):
+    p = Project(f"minedrafttest{os.getpid()}", free_port())
+    try:
+        t0 = time.monotonic()
+        p.compose("up", "-d")
+        p.wait_healthy({"drafter": 1, "verifier": 1, "router": 1})
+        TIMINGS["compose up to healthy (s)"] = time.monotonic() - t0
+        yield p
+    finally:
+        log_dir = tmp_path_factory.mktemp("docker-logs")
+        (log_dir / "compose.log").write_text(p.logs())
+        print(f"\ncompose logs: {log_dir / 'compose.log'}")
+        p.down()
+        print("docker test timings: " + ", ".join(f"{k} {v:.0f}" for k, v in TIMINGS.items()))
+
+
+@pytest.fixture(scope="module")
+def expected():
+    """Target-only greedy continuations of the demo target, computed in this process (EOS honoured)."""
+    from minedraft.runtime.checkpoint import load_model, load_tokenizer
+    from minedraft.runtime.reference import generate, make_sequences
+    from minedraft.runtime.runner import ModelRunner
+    from minedraft.runtime.sampling import SamplingParams
+
+    tok = load_tokenizer(DEMO_TARGET)
+    ids = [tok.encode(chat(p), add_special_tokens=False) for p in PROMPTS]
+    model = load_model(DEMO_TARGET)
+    seqs = make_sequences(ids, SamplingParams(), BUDGETS, model.arch.max_position, model.arch.eos_token_ids)
+    return [s.output for s in generate(ModelRunner(model, 8192), seqs)]
+
+
+def generate_all(port: int, prompts: list[str], budgets: list[int], **kw) -> list[list[int]]:
+    from minedraft.v1 import generate_pb2 as gpb, generate_pb2_grpc
+
+    stub = generate_pb2_grpc.GenerationStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+
+    def one(i):
+        req = gpb.GenerateRequest(prompt=chat(prompts[i]), max_new_tokens=budgets[i], **kw)
+        return list(stub.Generate(req, timeout=300).token_ids)
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        return list(pool.map(one, range(len(prompts))))
+
+
+def lane_lines(router_log: str) -> list[str]:
+    return re.findall(r"lane \d+: verifier \S+ \+ drafter \S+ \(transport \w+\)", router_log)
+
+
+def test_compose_generate_matches_local(project, expected):
+    from minedraft.v1 import common_pb2, generate_pb2 as gpb, generate_pb2_grpc
+
+    # only the router's port is published
+    for service in ("drafter", "verifier"):
+        (cid,) = project.containers(service)
+        assert run(["docker", "port", cid]).strip() == "", f"{service} publishes a port"
+    lanes = lane_lines(project.logs("router"))
+    assert len(lanes) == 1 and lanes[0].endswith("(transport shm)"), lanes
+
+    t0 = time.monotonic()
+    assert generate_all(project.port, PROMPTS, BUDGETS) == expected
+    TIMINGS["greedy requests (s)"] = time.monotonic() - t0
+
+    # sampling sends draft probabilities through the shared /dev/shm; every segment is released afterwards
+    stub = generate_pb2_grpc.GenerationStub(grpc.insecure_channel(f"127.0.0.1:{project.port}"))
+    req = gpb.GenerateRequest(prompt=chat(PROMPTS[0]), max_new_tokens=24, ignore_eos=True,
+                              sampling=common_pb2.SamplingOptions(temperature=0.8, top_p=0.95, seed=7))
+    assert len(stub.Generate(req, timeout=300).token_ids) == 24
+    (drafter,) = project.containers("drafter")
+    deadline = time.monotonic() + 15
+    while (left := run(["docker", "exec", drafter, "sh", "-c", "ls /dev/shm | grep -c '^minedraft-' || true"]).strip()) \
+            != "0" and time.monotonic() < deadline:
+        time.sleep(1)
+    assert left == "0", f"{left} shm segments left in the shared volume"
+
+
+def test_scale_two_drafters_two_verifiers(project, expected):
+    t0 = time.monotonic()
+    project.compose("up", "-d", "--scale", "drafter=2", "--scale", "verifier=2")
+    project.wait_healthy({"drafter": 2, "verifier": 2, "router": 1})
+    deadline = time.monotonic() + 90  # the router re-resolves the service names every 5 s
+    while len(lanes := lane_lines(project.logs("router"))) < 2 and time.monotonic() < deadline:
+        time.sleep(2)
+    TIMINGS["scale to 2+2 (s)"] = time.monotonic() - t0
+    assert len(lanes) == 2 and all(line.endswith("(transport shm)") for line in lanes), lanes
+    verifiers = project.containers("verifier")
+    assert len(verifiers) == 2 and len(project.containers("drafter")) == 2
+
+    before = {c: project.model_info(c, "verifier") for c in verifiers}
+    out = generate_all(project.port, PROMPTS * 2, BUDGETS * 2)
+    assert out == expected * 2
+    after = {c: project.model_info(c, "verifier") for c in verifiers}
+    assert all(after[c] > before[c] for c in verifiers), f"a verifier replica served nothing: {before} -> {after}"
+
+
+def test_down_leaves_nothing(project):
+    project.down()
+    assert project.containers(all_states=True) == []
+    assert run(["docker", "volume", "ls", "-q", "--filter", f"label=com.docker.compose.project={project.name}"]) \
+        .strip() == ""
