@@ -161,6 +161,9 @@ def test_trace_read_offset_and_window(tmp_path):
     ticks = [tracefile.Tick(i, i * 0.01, 0.5 if i in (3, 30) else 0.01, 4, 4) for i in range(40)]
     win = tracefile.window(ticks, 20)
     assert len(win) == 20 and all(t.dur < 0.1 for t in win)
+    ticks += [tracefile.Tick(i, i * 0.01, 0.001, 1, 0) for i in range(40, 80)]  # a drain of tiny fast ticks
+    win = tracefile.window(ticks, 20)
+    assert all(t.verify_batch == 4 and t.dur < 0.1 for t in win)
 
 
 # ---- cli and targets ----------------------------------------------------------------------------------------------

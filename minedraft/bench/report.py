@@ -35,7 +35,7 @@ def machine() -> dict:
     return {"cpu": cpu, "cpu_count": os.cpu_count(), "affinity": sorted(os.sched_getaffinity(0)),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
             "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "platform": platform.platform(), "git_commit": commit,
+            "python": platform.python_version(), "loadavg_at_report": [round(x, 2) for x in os.getloadavg()], "platform": platform.platform(), "git_commit": commit,
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
@@ -83,7 +83,7 @@ def markdown(res: dict, command: str = "", notes: str = "") -> str:
         out += ["```", command, "```", ""]
     out += [f"- machine: {m['cpu']}, {m['cpu_count']} CPU cores (affinity {m['affinity']}), GPU: {m['gpu']}; "
             f"torch {m['torch']}, transformers {m['transformers']}, Python {m['python']}; commit {m['git_commit']}; "
-            f"{m['date']}",
+            f"{m['date']}; load average before / after: {res.get('loadavg_at_start')} / {m['loadavg_at_report']}",
             f"- models: target `{cfg['target']}`, draft(s) {', '.join(f'`{d}`' for d in cfg['drafts'])}; "
             f"device {cfg['device']}; k={cfg['k']}, batch={cfg['batch']} per in-flight batch; "
             f"{cfg['runs']} measured run(s) per point after a warm-up round",

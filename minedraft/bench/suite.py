@@ -64,7 +64,13 @@ def plan_sweeps(cfg: SuiteConfig) -> list[dict]:
 def run_suite(cfg: SuiteConfig, log=print) -> dict:
     from minedraft.runtime.checkpoint import load_tokenizer
 
+    import os
+
     cfg.out.mkdir(parents=True, exist_ok=True)
+    load_at_start = [round(x, 2) for x in os.getloadavg()]
+    if load_at_start[0] > 0.5:
+        log(f"warning: load average {load_at_start} before starting: something else is using the CPU, "
+            "so the numbers will be disturbed")
     sweeps = plan_sweeps(cfg)
     n_max = max([cfg.spec.num_requests] + [p["n"] for p in sweeps])
     all_requests = workload.build(replace(cfg.spec, num_requests=n_max), load_tokenizer(cfg.target))
@@ -120,7 +126,7 @@ def run_suite(cfg: SuiteConfig, log=print) -> dict:
         sweep_rows.append({**p, "stage": st, "points": {m: headline(v) for m, v in pts.items()},
                            "names": {m: v["name"] for m, v in pts.items()},
                            "comparison": _compare(pts, st, None)})
-    return {"config": _config_dict(cfg), "workload": {**wl, "spec": cfg.spec.describe()},
+    return {"config": _config_dict(cfg), "loadavg_at_start": load_at_start, "workload": {**wl, "spec": cfg.spec.describe()},
             "stage_context": context, "stages": list(stage_of.values()), "main_stage": main_stage,
             "modes": main, "main_headline": {m: headline(v) for m, v in main.items()},
             "hf_assisted": hf, "comparison": comparison, "sweeps": sweep_rows}

@@ -128,10 +128,16 @@ def _mean_compute(ticks: list[Tick], kind: str) -> float:
 
 
 def window(ticks: list[Tick], n: int = 20) -> list[Tick]:
-    """n consecutive steady-state ticks: the window whose longest tick is shortest (so prefill spikes and the
-    ramp-up/drain are left out), the one nearest the middle of the run among equals."""
+    """n consecutive steady-state ticks: among windows, the one whose smallest verified batch is largest (full
+    batches, not the ramp-up or the drain), then whose longest tick is shortest (no prefill spike), then the one
+    nearest the middle of the run."""
     if len(ticks) <= n:
         return ticks
     mid = (len(ticks) - n) / 2
-    best = min(range(len(ticks) - n + 1), key=lambda i: (round(max(t.dur for t in ticks[i:i + n]), 4), abs(i - mid)))
+
+    def key(i: int):
+        w = ticks[i:i + n]
+        return (-min(t.verify_batch for t in w), round(max(t.dur for t in w), 3), abs(i - mid))
+
+    best = min(range(len(ticks) - n + 1), key=key)
     return ticks[best:best + n]
