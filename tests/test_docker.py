@@ -93,6 +93,7 @@ class Project:
     def __init__(self, name: str, port: int):
         self.name, self.port = name, port
         self.env = dict(os.environ, MINEDRAFT_IMAGE=IMAGE, MINEDRAFT_PORT=str(port), COMPOSE_PROJECT_NAME=name)
+        self.log_file: Path | None = None  # `down` saves the project's logs here first
 
     def compose(self, *args: str, timeout: float = 600) -> str:
         return run([*compose_command(), "-p", self.name, *COMPOSE_FILES, *args], timeout=timeout, env=self.env)
@@ -131,12 +132,16 @@ class Project:
         return float(run(["docker", "exec", cid, "python", "-c", code], timeout=60).strip().splitlines()[-1])
 
     def down(self) -> None:
+        if self.containers(all_states=True) and self.log_file is not None:
+            self.log_file.write_text(self.logs())
+            print(f"\ncompose logs: {self.log_file}")
         self.compose("down", "-v", "--remove-orphans", "-t", "20", timeout=300)
 
 
 @pytest.fixture(scope="module")
 def project(image, tmp_path_factory):
     p = Project(f"minedrafttest{os.getpid()}", free_port())
+    p.log_file = tmp_path_factory.mktemp("docker-logs") / "compose.log"
     try:
         t0 = time.monotonic()
         p.compose("up", "-d")
@@ -144,9 +149,6 @@ def project(image, tmp_path_factory):
         TIMINGS["compose up to healthy (s)"] = time.monotonic() - t0
         yield p
     finally:
-        log_dir = tmp_path_factory.mktemp("docker-logs")
-        (log_dir / "compose.log").write_text(p.logs())
-        print(f"\ncompose logs: {log_dir / 'compose.log'}")
         p.down()
         print("docker test timings: " + ", ".join(f"{k} {v:.0f}" for k, v in TIMINGS.items()))
 
