@@ -3,7 +3,8 @@
 #   1. a Docker engine: a running one, else install Debian's docker.io/docker-compose/debootstrap and start dockerd
 #      (docker/start-dockerd.sh); if none can be had, print why and exit 0 (stage skipped);
 #   2. a base image: $MINEDRAFT_BASE_IMAGE if set, else minedraft-base:local built by debootstrap (cached);
-#   3. python -m pytest -m docker (tests/test_docker.py): build, compose up, Generate, scale 2+2, down.
+#   3. python -m pytest -m docker (tests/test_docker.py): build, compose up, Generate, scale 2+2, down, and the same
+#      on a one-node Swarm (docker stack deploy).
 # Once the engine is up, any failure fails the stage. MINEDRAFT_DOCKER_STAGE=0 skips it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,5 +31,7 @@ if [ -z "${MINEDRAFT_BASE_IMAGE:-}" ]; then
 fi
 t1=$(date +%s)
 
-python -m pytest -m docker -q -s -p no:cacheprovider tests/test_docker.py
+# The Swarm test (docker stack deploy on a one-node swarm advertised on loopback) runs too unless
+# MINEDRAFT_DOCKER_SWARM=0; it skips itself when this engine is already part of a swarm.
+MINEDRAFT_DOCKER_SWARM=${MINEDRAFT_DOCKER_SWARM:-1} python -m pytest -m docker -q -s -p no:cacheprovider tests/test_docker.py
 echo "docker stage passed: engine + base image $(( t1 - t0 )) s, tests $(( $(date +%s) - t1 )) s"

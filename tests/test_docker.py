@@ -13,6 +13,7 @@ python:3.11-slim), MINEDRAFT_COMPOSE (compose command; default `docker-compose` 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -236,3 +237,60 @@ def test_down_leaves_nothing(project):
     assert project.containers(all_states=True) == []
     assert run(["docker", "volume", "ls", "-q", "--filter", f"label=com.docker.compose.project={project.name}"]) \
         .strip() == ""
+
+
+@pytest.mark.skipif(os.environ.get("MINEDRAFT_DOCKER_SWARM") != "1",
+                    reason="opt-in (MINEDRAFT_DOCKER_SWARM=1): makes this Docker engine a one-node swarm for a while")
+def test_swarm_stack_deploy(image, expected):
+    """`docker stack deploy -c docker-compose.yml` on a one-node swarm (advertised on loopback): the router retries
+    until the model services resolve, pairs them over shm, serves; `docker service scale` adds a second lane.
+    Requests go from inside the router's container: the published port rides Swarm's routing mesh, which needs IPVS
+    in the kernel (absent on some sandboxes)."""
+    if run(["docker", "info", "-f", "{{.Swarm.LocalNodeState}}"]).strip() != "inactive":
+        pytest.skip("this Docker engine is already part of a swarm")
+    name = f"minedraftswarm{os.getpid()}"
+    env = dict(os.environ, MINEDRAFT_IMAGE=image, MINEDRAFT_PORT=str(free_port()))
+    run(["docker", "swarm", "init", "--advertise-addr", "127.0.0.1"])
+    try:
+        run(["docker", "stack", "deploy", "-c", "docker-compose.yml", name], env=env)
+
+        def router_log() -> str:
+            return run(["docker", "service", "logs", "--raw", f"{name}_router"], check=False)
+
+        def router_container() -> str:
+            ids = run(["docker", "ps", "-q", "--filter", f"label=com.docker.swarm.service.name={name}_router",
+                       "--filter", "health=healthy"]).split()
+            return ids[0] if ids else ""
+
+        deadline = time.monotonic() + 300
+        while not (cid := router_container()) and time.monotonic() < deadline:
+            time.sleep(3)
+        assert cid, f"router not healthy:\n{router_log()[-4000:]}"
+        assert [line.endswith("(transport shm)") for line in lane_lines(router_log())] == [True]
+
+        code = ("import grpc, json; from minedraft.v1 import generate_pb2 as g, generate_pb2_grpc as gg; "
+                "s = gg.GenerationStub(grpc.insecure_channel('127.0.0.1:50051')); "
+                "print(json.dumps([list(s.Generate(g.GenerateRequest(prompt=p, max_new_tokens=n), timeout=300)"
+                f".token_ids) for p, n in {list(zip(map(chat, PROMPTS), BUDGETS))!r}]))")
+
+        assert json.loads(run(["docker", "exec", cid, "python", "-c", code]).strip().splitlines()[-1]) == expected
+
+        run(["docker", "service", "scale", "-d", f"{name}_verifier=2", f"{name}_drafter=2"])
+        deadline = time.monotonic() + 180
+        while len(lanes := lane_lines(router_log())) < 2 and time.monotonic() < deadline:
+            time.sleep(3)
+        assert len(lanes) == 2 and all(line.endswith("(transport shm)") for line in lanes), lanes
+    finally:
+        run(["docker", "stack", "rm", name], check=False)
+        deadline = time.monotonic() + 120
+        while run(["docker", "ps", "-aq", "--filter", f"label=com.docker.stack.namespace={name}"]).strip() \
+                and time.monotonic() < deadline:
+            time.sleep(2)
+        for _ in range(10):  # the volume is released a moment after its last container
+            if run(["docker", "volume", "rm", f"{name}_shm"], check=False).strip() == f"{name}_shm" or \
+                    not run(["docker", "volume", "ls", "-q", "--filter", f"name={name}_shm"]).strip():
+                break
+            time.sleep(2)
+        run(["docker", "swarm", "leave", "--force"], check=False)
+        run(["docker", "network", "rm", "docker_gwbridge"], check=False)
+    assert run(["docker", "ps", "-aq", "--filter", f"label=com.docker.stack.namespace={name}"]).strip() == ""
