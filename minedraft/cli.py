@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -39,6 +40,19 @@ def _up(args) -> int:
         cluster.stop()
 
 
+def _channel(args):
+    """Plaintext by default; TLS verified against --ca when given. The token travels as `authorization` metadata."""
+    import grpc
+
+    if args.ca:
+        from services.common import channel_credentials
+
+        ch = grpc.secure_channel(args.address, channel_credentials(args.ca))
+    else:
+        ch = grpc.insecure_channel(args.address)
+    return ch, ((("authorization", f"Bearer {args.token}"),) if args.token else None)
+
+
 def _generate(args) -> int:
     import grpc
 
@@ -51,16 +65,17 @@ def _generate(args) -> int:
         sampling.seed = args.seed
     req = gpb.GenerateRequest(prompt=prompt, max_new_tokens=args.max_new_tokens, sampling=sampling, stop=args.stop,
                               ignore_eos=args.ignore_eos)
-    with grpc.insecure_channel(args.address) as ch:
+    ch, metadata = _channel(args)
+    with ch:
         stub = generate_pb2_grpc.GenerationStub(ch)
         try:
             if args.no_stream:
-                r = stub.Generate(req, timeout=args.timeout)
+                r = stub.Generate(req, timeout=args.timeout, metadata=metadata)
                 print(r.text)
                 last = r
             else:
                 last = None
-                for msg in stub.GenerateStream(req, timeout=args.timeout):
+                for msg in stub.GenerateStream(req, timeout=args.timeout, metadata=metadata):
                     print(msg.text, end="", flush=True)
                     last = msg
                 print()
@@ -80,8 +95,13 @@ def _info(args) -> int:
 
     from minedraft.v1 import generate_pb2 as gpb, generate_pb2_grpc
 
-    with grpc.insecure_channel(args.address) as ch:
-        print(generate_pb2_grpc.GenerationStub(ch).GetInfo(gpb.GetInfoRequest(), timeout=10))
+    ch, metadata = _channel(args)
+    with ch:
+        try:
+            print(generate_pb2_grpc.GenerationStub(ch).GetInfo(gpb.GetInfoRequest(), timeout=10, metadata=metadata))
+        except grpc.RpcError as exc:
+            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
     return 0
 
 
@@ -120,6 +140,10 @@ def main(argv=None) -> int:
 
     info = sub.add_parser("info", help="what the router serves")
     info.add_argument("--address", default="127.0.0.1:50051")
+    for cmd in (gen, info):
+        cmd.add_argument("--ca", default="", help="connect with TLS, verifying the router against this PEM CA file")
+        cmd.add_argument("--token", default=os.environ.get("MINEDRAFT_TOKEN", ""),
+                         help="bearer token for a router started with --auth-token(-file) (default: $MINEDRAFT_TOKEN)")
     info.set_defaults(fn=_info)
 
     from minedraft.bench.cli import add_parser as add_bench

@@ -32,6 +32,9 @@ class ModelServiceConfig:
     cpu_core: int = -1  # pin the process and its torch threads to this core; -1 = the role's default, -2 = none
     threads: int = 1  # torch intra-op threads
     max_message_mb: int = 64  # gRPC message size limit
+    tls_cert: str = ""  # PEM certificate (chain) file; with --tls-key, serve TLS instead of plaintext
+    tls_key: str = ""  # PEM private key file of --tls-cert
+    client_ca: str = ""  # PEM CA file; when set, only clients with a certificate it signed may connect (mTLS)
 
     def resolved(self, role: str) -> "ModelServiceConfig":
         c = dataclasses.replace(self)
@@ -60,6 +63,14 @@ class RouterConfig:
     trace_file: str = ""  # write a JSON-lines trace of every step (for timeline plots)
     max_message_mb: int = 64  # gRPC message size limit
     rpc_timeout_s: float = 120.0  # a model-service step slower than this is treated as a failure
+    tls_cert: str = ""  # PEM certificate (chain) file for the public API; with --tls-key, serve TLS
+    tls_key: str = ""  # PEM private key file of --tls-cert
+    auth_token: str = ""  # bearer token the public API requires when set (prefer the environment variable)
+    auth_token_file: str = ""  # file holding the bearer token (read at start-up, whitespace stripped)
+    internal_ca: str = ""  # PEM CA file to verify the model services with; set = TLS to drafters and verifiers
+    internal_cert: str = ""  # PEM client certificate file presented to the model services (mTLS)
+    internal_key: str = ""  # PEM private key file of --internal-cert
+    internal_server_name: str = ""  # name the model services' certificates must carry (default: the dialled host)
 
     def resolved(self) -> "RouterConfig":
         c = dataclasses.replace(self)

@@ -26,9 +26,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_serving(address: str, timeout_s: float, proc: subprocess.Popen | None = None, service: str = "") -> None:
+def wait_serving(address: str, timeout_s: float, proc: subprocess.Popen | None = None, service: str = "",
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as ch:
+    with (grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         while time.monotonic() < deadline:
             if proc is not None and proc.poll() is not None:
@@ -44,8 +45,27 @@ def wait_serving(address: str, timeout_s: float, proc: subprocess.Popen | None =
 
 
 @dataclass
+class TLSFiles:
+    """PEM files for one side of the system. Certificates must name 127.0.0.1 (IP SAN) for loopback use."""
+
+    ca: str  # the CA clients verify the server with (and, with client_cert, the servers verify clients with)
+    cert: str  # server certificate
+    key: str  # server key
+    client_cert: str = ""  # client certificate: set = mutual TLS
+    client_key: str = ""
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        read = lambda p: Path(p).read_bytes() if p else None  # noqa: E731
+        return grpc.ssl_channel_credentials(read(self.ca), read(self.client_key), read(self.client_cert))
+
+
+@dataclass
 class Cluster:
-    """drafter + verifier + router on loopback. Extra flags per role go in *_args."""
+    """drafter + verifier + router on loopback. Extra flags per role go in *_args.
+
+    Security is off by default (plaintext on loopback). `public_tls` serves the public API over TLS, `auth_token_file`
+    makes it require that bearer token, `internal_tls` puts the model services behind TLS (mutual TLS when it has a
+    client certificate, which the router then presents)."""
 
     mode: str = "psd"
     router_port: int = 0
@@ -60,6 +80,9 @@ class Cluster:
     log_dir: str = ""  # when set, each process logs to <role>.log there; else inherits our stdout/stderr
     verifier_replicas: int = 1  # extra replicas are roles "verifier-1", "verifier-2", ... on their own ports
     drafter_replicas: int = 1
+    public_tls: TLSFiles | None = None
+    internal_tls: TLSFiles | None = None
+    auth_token_file: str = ""
     extra_ports: dict[str, int] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     _spawned: dict[str, tuple[str, list[str]]] = field(default_factory=dict)
@@ -85,6 +108,30 @@ class Cluster:
         fixed = {"router": self.router_port, "drafter": self.drafter_port, "verifier": self.verifier_port}
         return fixed[role] if role in fixed else self.extra_ports[role]
 
+    def credentials(self, role: str) -> grpc.ChannelCredentials | None:
+        """What a client needs to connect to `role` (None = plaintext)."""
+        tls = self.public_tls if role == "router" else self.internal_tls
+        return tls.credentials() if tls else None
+
+    def channel(self, role: str = "router") -> grpc.Channel:
+        address = f"127.0.0.1:{self.port_of(role)}"
+        creds = self.credentials(role)
+        return grpc.secure_channel(address, creds) if creds else grpc.insecure_channel(address)
+
+    def _security_args(self) -> tuple[list[str], list[str]]:
+        """(flags for the model services, flags for the router)."""
+        service, router = [], []
+        if self.internal_tls:
+            t = self.internal_tls
+            service = ["--tls-cert", t.cert, "--tls-key", t.key] + (["--client-ca", t.ca] if t.client_cert else [])
+            router = ["--internal-ca", t.ca] + (["--internal-cert", t.client_cert, "--internal-key", t.client_key]
+                                                if t.client_cert else [])
+        if self.public_tls:
+            router += ["--tls-cert", self.public_tls.cert, "--tls-key", self.public_tls.key]
+        if self.auth_token_file:
+            router += ["--auth-token-file", self.auth_token_file]
+        return service, router
+
     def kill(self, role: str, sig: int = signal.SIGKILL) -> None:
         """Fault injection: kill one service (SIGKILL by default, so it cannot clean up)."""
         p = self.procs[role]
@@ -95,7 +142,8 @@ class Cluster:
         """Start a killed service again on the same port, with the same flags, and wait until it serves."""
         module, args = self._spawned[role]
         proc = self._spawn(role, module, args)
-        wait_serving(f"127.0.0.1:{self.port_of(role)}", timeout_s, proc)
+        wait_serving(f"127.0.0.1:{self.port_of(role)}", timeout_s, proc,
+                     credentials=self.credentials(role))
 
     @staticmethod
     def _replica_roles(kind: str, n: int) -> list[str]:
@@ -105,7 +153,8 @@ class Cluster:
         self.router_port = self.router_port or free_port()
         self.drafter_port = self.drafter_port or free_port()
         self.verifier_port = self.verifier_port or free_port()
-        model_args = ["--device", self.device]
+        service_security, router_security = self._security_args()
+        model_args = ["--device", self.device, *service_security]
         verifiers = self._replica_roles("verifier", self.verifier_replicas)
         drafters = self._replica_roles("drafter", self.drafter_replicas) if self.mode != "ar" else []
         for role in verifiers[1:] + drafters[1:]:
@@ -124,10 +173,11 @@ class Cluster:
             r = self._spawn("router", "services.router", [
                 "--port", str(self.router_port), "--mode", self.mode, "--verifiers", addresses["verifiers"],
                 "--drafters", addresses["drafters"], *(["--tokenizer", self.target] if self.target else []),
-                *self.router_args])
+                *router_security, *self.router_args])
             for role in verifiers + drafters:
-                wait_serving(f"127.0.0.1:{self.port_of(role)}", timeout_s, self.procs[role])
-            wait_serving(self.address, timeout_s, r)
+                wait_serving(f"127.0.0.1:{self.port_of(role)}", timeout_s, self.procs[role],
+                             credentials=self.credentials("verifier"))
+            wait_serving(self.address, timeout_s, r, credentials=self.credentials("router"))
         except BaseException:
             self.stop()
             raise

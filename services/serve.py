@@ -25,6 +25,7 @@ def main(role: str, argv=None) -> None:
 async def _serve(role: str, cfg) -> None:
     common.pin_cpu(cfg.cpu_core, cfg.threads)
     service_name = model_service_pb2.DESCRIPTOR.services_by_name["Drafter" if role == "drafter" else "Verifier"]
+    credentials = common.server_credentials(cfg.tls_cert, cfg.tls_key, cfg.client_ca)  # fail before loading
     server = common.make_server(cfg.max_message_mb)
     health = common.add_health_and_reflection(server, [service_name.full_name])
     await common.set_serving(health, [service_name.full_name], False)
@@ -38,11 +39,12 @@ async def _serve(role: str, cfg) -> None:
 
         service = VerifierService(cfg)
         model_service_pb2_grpc.add_VerifierServicer_to_server(service, server)
-    bound = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    bound = common.add_port(server, f"{cfg.host}:{cfg.port}", credentials)
     if not bound:
         raise SystemExit(f"cannot listen on {cfg.host}:{cfg.port}")
     await server.start()
-    log.info("listening on %s:%d; loading %s", cfg.host, bound, cfg.model)
+    security = "plaintext" if credentials is None else "mTLS" if cfg.client_ca else "TLS"
+    log.info("listening on %s:%d (%s); loading %s", cfg.host, bound, security, cfg.model)
     await asyncio.get_running_loop().run_in_executor(service.executor, service.load)
     await common.set_serving(health, [service_name.full_name], True)
     log.info("%s SERVING %s on %s (KV capacity %d tokens)", role, cfg.model, cfg.device,

@@ -4,9 +4,12 @@ failure) cancels the engine request, which frees its KV on both services."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import math
 import uuid
+from typing import Iterable
 
 import grpc
 
@@ -167,4 +170,55 @@ class GenerationServicer:
         return self.info
 
 
-__all__ = ["GenerationServicer", "InvalidRequest"]
+class BearerTokenAuth(grpc.aio.ServerInterceptor):
+    """Every call to `services` must carry `authorization: Bearer <token>`, else it ends UNAUTHENTICATED before its
+    request is even parsed. Other services (health, reflection) stay open, so orchestrators' health checks and
+    `grpcurl list/describe` keep working; they expose nothing the public protos do not.
+
+    Comparison is of SHA-256 digests with hmac.compare_digest: constant time, and not even the length leaks."""
+
+    def __init__(self, token: str, services: Iterable[str]):
+        if not token:
+            raise ValueError("empty bearer token")
+        self._digest = hashlib.sha256(token.encode()).digest()
+        self._prefixes = tuple(f"/{s}/" for s in services)
+
+    def allowed(self, metadata) -> bool:
+        values = [v for k, v in (metadata or ()) if k == "authorization"]
+        value = values[0] if len(values) == 1 else ""
+        if isinstance(value, bytes):
+            value = value.decode("latin-1")
+        scheme, _, credential = value.partition(" ")
+        match = hmac.compare_digest(hashlib.sha256(credential.encode()).digest(), self._digest)
+        return match and scheme.lower() == "bearer"
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(self._prefixes) or \
+                self.allowed(details.invocation_metadata):
+            return handler
+        log.debug("rejected unauthenticated call to %s", details.method)
+        return _deny(handler)
+
+
+async def _unauthenticated(_request, context):
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token (authorization metadata)")
+
+
+async def _unauthenticated_stream(_request, context):
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token (authorization metadata)")
+    yield  # pragma: no cover - abort raises
+
+
+def _deny(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as `handler` that only aborts; requests stay unparsed bytes."""
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(_unauthenticated_stream)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(_unauthenticated)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(_unauthenticated_stream)
+    return grpc.unary_unary_rpc_method_handler(_unauthenticated)
+
+
+__all__ = ["GenerationServicer", "InvalidRequest", "BearerTokenAuth"]

@@ -12,7 +12,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from minedraft.v1 import model_service_pb2 as pb, model_service_pb2_grpc as pb_grpc
-from services.common import channel_options
+from services.common import channel_credentials, channel_options
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +33,24 @@ def _status(code_number: int) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
+def internal_credentials(cfg) -> grpc.ChannelCredentials | None:
+    """TLS (mTLS with a client certificate) to the model services when a RouterConfig sets any internal_* file."""
+    if not (cfg.internal_ca or cfg.internal_cert or cfg.internal_key):
+        return None
+    return channel_credentials(cfg.internal_ca, cfg.internal_cert, cfg.internal_key)
+
+
 class ModelClient:
-    def __init__(self, address: str, kind: str, max_message_mb: int = 64, timeout_s: float = 120.0):
+    def __init__(self, address: str, kind: str, max_message_mb: int = 64, timeout_s: float = 120.0,
+                 credentials: grpc.ChannelCredentials | None = None, server_name: str = ""):
         self.address, self.kind, self.timeout_s = address, kind, timeout_s
-        self.channel = grpc.aio.insecure_channel(address, options=channel_options(max_message_mb))
+        options = channel_options(max_message_mb)
+        if credentials is None:
+            self.channel = grpc.aio.insecure_channel(address, options=options)
+        else:
+            if server_name:  # replicas are dialled by resolved IP; their certificates carry a name
+                options.append(("grpc.ssl_target_name_override", server_name))
+            self.channel = grpc.aio.secure_channel(address, credentials, options=options)
         self.stub = (pb_grpc.DrafterStub if kind == "drafter" else pb_grpc.VerifierStub)(self.channel)
         self.info: pb.ModelInfo | None = None
         self._session = None

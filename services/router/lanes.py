@@ -16,7 +16,7 @@ import socket
 import grpc
 
 from minedraft.config import RouterConfig
-from services.router.clients import ModelClient, ServiceError
+from services.router.clients import ModelClient, ServiceError, internal_credentials
 from services.router.negotiation import negotiate
 from services.router.scheduler import Engine, QueueFull, Request
 
@@ -73,7 +73,8 @@ class Router:
 
     # ---- replicas -------------------------------------------------------------------------------------------------
     async def _connect(self, pool: dict[str, ModelClient], address: str, kind: str, timeout_s: float):
-        client = ModelClient(address, kind, self.cfg.max_message_mb, self.cfg.rpc_timeout_s)
+        client = ModelClient(address, kind, self.cfg.max_message_mb, self.cfg.rpc_timeout_s,
+                             credentials=internal_credentials(self.cfg), server_name=self.cfg.internal_server_name)
         await client.wait_ready(timeout_s)
         pool[address] = client
         return client

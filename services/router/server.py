@@ -1,17 +1,20 @@
 """Router process: connect to the model services (health-gated), check they form a valid pair, negotiate the tensor
-transport, start the engine, and serve the public Generation API."""
+transport, start the engine, and serve the public Generation API (optionally over TLS, behind a bearer token)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 
+import grpc
+from google.protobuf.message_factory import GetMessageClass
+
 from minedraft import config
 from minedraft.runtime.checkpoint import load_tokenizer
-from minedraft.v1 import generate_pb2, generate_pb2_grpc
+from minedraft.v1 import generate_pb2
 from services import common
 from services.model_service import vocab_digest
-from services.router.api import GenerationServicer
+from services.router.api import BearerTokenAuth, GenerationServicer
 from services.router.lanes import Router
 
 log = logging.getLogger("minedraft")
@@ -35,17 +38,70 @@ async def build(cfg: config.RouterConfig):
     return router, tokenizer, info
 
 
+def _parsed(method, request_cls, streaming: bool):
+    """Wrap a servicer method so that it takes raw bytes: a request that is not a valid message (corrupt wire
+    format, a string field that is not UTF-8, ...) ends INVALID_ARGUMENT instead of gRPC's generic UNKNOWN."""
+
+    async def parse(raw: bytes, context):
+        try:
+            return request_cls.FromString(raw)
+        except Exception as exc:  # DecodeError, or whatever else a parser may raise on hostile input
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"malformed {request_cls.DESCRIPTOR.full_name}: {exc}")
+
+    if streaming:
+        async def stream(raw, context):
+            async for msg in method(await parse(raw, context), context):
+                yield msg
+        return stream
+
+    async def unary(raw, context):
+        return await method(await parse(raw, context), context)
+    return unary
+
+
+def add_generation_service(server: grpc.aio.Server, servicer: GenerationServicer) -> None:
+    """Like generate_pb2_grpc.add_GenerationServicer_to_server, with request parsing done by `_parsed`."""
+    handlers = {}
+    for m in generate_pb2.DESCRIPTOR.services_by_name["Generation"].methods:
+        request_cls, response_cls = GetMessageClass(m.input_type), GetMessageClass(m.output_type)
+        make = grpc.unary_stream_rpc_method_handler if m.server_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[m.name] = make(_parsed(getattr(servicer, m.name), request_cls, m.server_streaming),
+                                response_serializer=response_cls.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+
+
+def auth_token(cfg: config.RouterConfig) -> str:
+    if cfg.auth_token and cfg.auth_token_file:
+        raise SystemExit("set one of --auth-token and --auth-token-file")
+    if cfg.auth_token_file:
+        try:
+            token = open(cfg.auth_token_file).read().strip()
+        except OSError as exc:
+            raise SystemExit(f"cannot read --auth-token-file {cfg.auth_token_file!r}: {exc}") from None
+        if not token:
+            raise SystemExit(f"--auth-token-file {cfg.auth_token_file!r} is empty")
+        return token
+    return cfg.auth_token.strip()
+
+
 async def _serve(cfg: config.RouterConfig) -> None:
-    server = common.make_server(cfg.max_message_mb)
+    credentials = common.server_credentials(cfg.tls_cert, cfg.tls_key)
+    token = auth_token(cfg)
+    if token and credentials is None and cfg.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("a bearer token over plaintext on %s can be read off the network: set --tls-cert/--tls-key",
+                    cfg.host)
+    server = common.make_server(cfg.max_message_mb, [BearerTokenAuth(token, [SERVICE])] if token else [])
     health = common.add_health_and_reflection(server, [SERVICE])
     await common.set_serving(health, [SERVICE], False)
     # Listen first so health checks answer NOT_SERVING while we wait for the model services.
     servicer = GenerationServicer()
-    generate_pb2_grpc.add_GenerationServicer_to_server(servicer, server)
-    if not server.add_insecure_port(f"{cfg.host}:{cfg.port}"):
+    add_generation_service(server, servicer)
+    if not common.add_port(server, f"{cfg.host}:{cfg.port}", credentials):
         raise SystemExit(f"cannot listen on {cfg.host}:{cfg.port}")
     await server.start()
-    log.info("router listening on %s:%d (mode %s, k=%d, batch %d)", cfg.host, cfg.port, cfg.mode,
+    log.info("router listening on %s:%d (%s%s; mode %s, k=%d, batch %d)", cfg.host, cfg.port,
+             "TLS" if credentials else "plaintext", ", bearer token" if token else "", cfg.mode,
              cfg.num_speculative_tokens, cfg.max_batch_size)
     router, tokenizer, info = await build(cfg)
     servicer.attach(router, tokenizer, info)
