@@ -172,7 +172,24 @@ class ModelService:
         finally:
             self.busy_s += time.perf_counter() - t
 
-    def step(self, req, owned: set[str]):  # implemented by the drafter and the verifier
+    work_kind = ""  # "propose" (drafter) or "verify" (verifier): the request field that carries a batch step
+    response_cls = None
+
+    def step(self, req, owned: set[str]):
+        """One session message: a batch step (releases piggybacked on it go first) or a bare release."""
+        try:
+            kind = req.WhichOneof("kind")
+            if kind == "release":
+                return self.response_cls(step_id=req.step_id, release=self.release_result(req.release, owned))
+            if kind != self.work_kind:
+                raise ValueError(f"empty {self.role} request")
+            batch = getattr(req, kind)
+            self.release_result(batch.release, owned)
+            return self.response_cls(step_id=req.step_id, **{kind: self.work(batch, owned)})
+        except Exception as exc:
+            return self.response_cls(step_id=req.step_id, error=step_error(exc))
+
+    def work(self, batch, owned: set[str]):  # the drafter proposes, the verifier verifies
         raise NotImplementedError
 
     def release_result(self, rel: pb.Release, owned: set[str]) -> pb.ReleaseResult:

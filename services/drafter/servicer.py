@@ -9,27 +9,16 @@ import torch
 
 from minedraft.runtime.speculative import DraftRequest, propose
 from minedraft.v1 import model_service_pb2 as pb
-from services.model_service import ModelService, step_error
+from services.model_service import ModelService
 
 
 class DrafterService(ModelService):
     role = "drafter"
     generator_salt = 1  # the draft's random stream must differ from the target's
+    work_kind, response_cls = "propose", pb.DrafterResponse
 
-    def step(self, req: pb.DrafterRequest, owned: set[str]) -> pb.DrafterResponse:
-        try:
-            kind = req.WhichOneof("kind")
-            if kind == "release":
-                return pb.DrafterResponse(step_id=req.step_id, release=self.release_result(req.release, owned))
-            if kind != "propose":
-                raise ValueError("empty drafter request")
-            return pb.DrafterResponse(step_id=req.step_id, propose=self.propose(req.propose, owned))
-        except Exception as exc:
-            return pb.DrafterResponse(step_id=req.step_id, error=step_error(exc))
-
-    def propose(self, batch: pb.ProposeBatch, owned: set[str]) -> pb.ProposeResult:
+    def work(self, batch: pb.ProposeBatch, owned: set[str]) -> pb.ProposeResult:
         t = time.perf_counter()
-        self.release_result(batch.release, owned)
         reqs = []
         for s in batch.seqs:
             if s.k < 0:

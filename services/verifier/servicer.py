@@ -7,27 +7,16 @@ import time
 
 from minedraft.runtime.speculative import VerifyRequest, verify_batch
 from minedraft.v1 import model_service_pb2 as pb
-from services.model_service import ModelService, step_error
+from services.model_service import ModelService
 
 
 class VerifierService(ModelService):
     role = "verifier"
     generator_salt = 0
+    work_kind, response_cls = "verify", pb.VerifierResponse
 
-    def step(self, req: pb.VerifierRequest, owned: set[str]) -> pb.VerifierResponse:
-        try:
-            kind = req.WhichOneof("kind")
-            if kind == "release":
-                return pb.VerifierResponse(step_id=req.step_id, release=self.release_result(req.release, owned))
-            if kind != "verify":
-                raise ValueError("empty verifier request")
-            return pb.VerifierResponse(step_id=req.step_id, verify=self.verify(req.verify, owned))
-        except Exception as exc:
-            return pb.VerifierResponse(step_id=req.step_id, error=step_error(exc))
-
-    def verify(self, batch: pb.VerifyBatch, owned: set[str]) -> pb.VerifyResultMsg:
+    def work(self, batch: pb.VerifyBatch, owned: set[str]) -> pb.VerifyResultMsg:
         t = time.perf_counter()
-        self.release_result(batch.release, owned)
         for ref in batch.discard:
             self.importer.discard(ref)
         q = self.importer.open(batch.draft_probs) if batch.HasField("draft_probs") else None
