@@ -46,8 +46,10 @@ def _parsed(method, request_cls, streaming: bool):
         try:
             return request_cls.FromString(raw)
         except Exception as exc:  # DecodeError, or whatever else a parser may raise on hostile input
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"malformed {request_cls.DESCRIPTOR.full_name}: {exc}")
+            why = str(exc)
+            prefix = f"Error parsing message with type '{request_cls.DESCRIPTOR.full_name}': "
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {request_cls.DESCRIPTOR.full_name}: "
+                                                                  f"{why.removeprefix(prefix) or type(exc).__name__}")
 
     if streaming:
         async def stream(raw, context):
