@@ -44,7 +44,7 @@ mount -t proc proc "$rootfs/proc"
 chroot "$rootfs" /bin/sh -ec '
   export DEBIAN_FRONTEND=noninteractive LC_ALL=C
   apt-get -o APT::Sandbox::User=root update -qq
-  apt-get -o APT::Sandbox::User=root install -y -qq --no-install-recommends python3 python3-venv python3-pip python-is-python3 ca-certificates \
+  apt-get -o APT::Sandbox::User=root -o Dpkg::Use-Pty=0 install -y -qq --no-install-recommends python3 python3-venv python3-pip python-is-python3 ca-certificates \
     >/dev/null
   update-ca-certificates >/dev/null
   apt-get clean

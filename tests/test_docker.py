@@ -3,7 +3,7 @@ router's published port with greedy output equal to target-only decoding compute
 negotiating the zero-copy shm transport through the shared /dev/shm volume, `--scale drafter=2 --scale verifier=2`
 with both verifier replicas serving sequences, and `down` leaving nothing behind.
 
-Marker `docker` (excluded from the default run). `.ci/run` runs it through docker/ci.sh, which first makes a Docker
+Marker `docker` (excluded from the default run), except the two healthcheck tests, which need no engine. `.ci/run` runs it through docker/ci.sh, which first makes a Docker
 engine and a local base image available. Skips when no Docker engine answers.
 
 Environment: MINEDRAFT_BASE_IMAGE (docker/build.sh's default: minedraft-base:local when present, else
@@ -29,7 +29,7 @@ import pytest
 
 from minedraft.config import DEMO_TARGET
 
-pytestmark = pytest.mark.docker
+docker = pytest.mark.docker  # every test here but the healthcheck ones (which need no engine and run by default)
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = os.environ.get("MINEDRAFT_TEST_IMAGE", "minedraft-serve:test")
@@ -186,6 +186,7 @@ def lane_lines(router_log: str) -> list[str]:
     return re.findall(r"lane \d+: verifier \S+ \+ drafter \S+ \(transport \w+\)", router_log)
 
 
+@docker
 def test_compose_generate_matches_local(project, expected):
     from minedraft.v1 import common_pb2, generate_pb2 as gpb, generate_pb2_grpc
 
@@ -213,6 +214,7 @@ def test_compose_generate_matches_local(project, expected):
     assert left == "0", f"{left} shm segments left in the shared volume"
 
 
+@docker
 def test_scale_two_drafters_two_verifiers(project, expected):
     t0 = time.monotonic()
     project.compose("up", "-d", "--scale", "drafter=2", "--scale", "verifier=2")
@@ -232,6 +234,7 @@ def test_scale_two_drafters_two_verifiers(project, expected):
     assert all(after[c] > before[c] for c in verifiers), f"a verifier replica served nothing: {before} -> {after}"
 
 
+@docker
 def test_down_leaves_nothing(project):
     project.down()
     assert project.containers(all_states=True) == []
@@ -239,6 +242,7 @@ def test_down_leaves_nothing(project):
         .strip() == ""
 
 
+@docker
 @pytest.mark.skipif(os.environ.get("MINEDRAFT_DOCKER_SWARM") != "1",
                     reason="opt-in (MINEDRAFT_DOCKER_SWARM=1): makes this Docker engine a one-node swarm for a while")
 def test_swarm_stack_deploy(image, expected):
@@ -294,3 +298,77 @@ def test_swarm_stack_deploy(image, expected):
         run(["docker", "swarm", "leave", "--force"], check=False)
         run(["docker", "network", "rm", "docker_gwbridge"], check=False)
     assert run(["docker", "ps", "-aq", "--filter", f"label=com.docker.stack.namespace={name}"]).strip() == ""
+
+
+# ---- minedraft.healthcheck (the image's HEALTHCHECK): no Docker needed, part of the default run ------------------
+
+def test_healthcheck_exit_code_follows_serving_status():
+    import asyncio
+    import sys
+    import threading
+
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    state = {}
+
+    async def serve():
+        server = grpc.aio.server()
+        servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+        state["port"] = server.add_insecure_port("127.0.0.1:0")
+        await servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        await servicer.set("minedraft.v1.Verifier", health_pb2.HealthCheckResponse.SERVING)
+        await server.start()
+        state["server"], state["servicer"] = server, servicer
+        ready.set()
+
+    thread = threading.Thread(target=lambda: (loop.run_until_complete(serve()), loop.run_forever()), daemon=True)
+    thread.start()
+    assert ready.wait(10)
+
+    def probe(*args: str) -> int:
+        return subprocess.run([sys.executable, "-m", "minedraft.healthcheck", "--port", str(state["port"]), *args],
+                              cwd=ROOT, capture_output=True, timeout=30).returncode
+
+    try:
+        assert probe() == 1  # NOT_SERVING
+        assert probe("--service", "minedraft.v1.Verifier") == 0
+        asyncio.run_coroutine_threadsafe(state["servicer"].set("", health_pb2.HealthCheckResponse.SERVING),
+                                         loop).result(10)
+        assert probe() == 0
+        assert probe("--service", "no.such.Service") == 1  # NOT_FOUND
+    finally:
+        asyncio.run_coroutine_threadsafe(state["server"].stop(0), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+    assert probe() == 1  # nothing listening: UNAVAILABLE
+
+
+def test_healthcheck_detects_the_port_of_the_service_in_the_container(tmp_path, monkeypatch):
+    from minedraft.healthcheck import detect_port
+
+    def fake_proc(*cmdlines: list[str]) -> str:
+        for pid, argv in enumerate(cmdlines, start=1):
+            (tmp_path / str(pid)).mkdir()
+            (tmp_path / str(pid) / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
+        return str(tmp_path)
+
+    for key in ("MINEDRAFT_HEALTHCHECK_PORT", "MINEDRAFT_ROUTER_PORT", "MINEDRAFT_DRAFTER_PORT",
+                "MINEDRAFT_VERIFIER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    proc = fake_proc(["/bin/sh"], ["python", "-m", "services.verifier"])
+    assert detect_port(proc) == 50062
+    monkeypatch.setenv("MINEDRAFT_VERIFIER_PORT", "7001")
+    assert detect_port(proc) == 7001
+    monkeypatch.setenv("MINEDRAFT_HEALTHCHECK_PORT", "7002")
+    assert detect_port(proc) == 7002
+    monkeypatch.delenv("MINEDRAFT_HEALTHCHECK_PORT")
+    proc2 = tmp_path / "two"
+    proc2.mkdir()
+    (proc2 / "9").mkdir()
+    (proc2 / "9" / "cmdline").write_bytes(b"python\0-m\0services.router\0--port\0" + b"6000\0")
+    assert detect_port(str(proc2)) == 6000
+    with pytest.raises(SystemExit):
+        detect_port(str(tmp_path / "1"))  # no service process at all
