@@ -106,9 +106,18 @@ class Router:
 
     async def start(self, timeout_s: float = 300.0) -> None:
         """Connect to every replica that resolves now (at least one verifier, and one drafter unless ar)."""
-        v_addrs, d_addrs = resolve(self.cfg.verifiers), resolve(self.cfg.drafters) if self.cfg.mode != "ar" else []
-        if not v_addrs or (self.cfg.mode != "ar" and not d_addrs):
-            raise SystemExit(f"cannot resolve verifiers {self.cfg.verifiers!r} / drafters {self.cfg.drafters!r}")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:  # under Swarm / Kubernetes the names appear only once the replicas are scheduled
+            v_addrs = await loop.run_in_executor(None, resolve, self.cfg.verifiers)
+            d_addrs = await loop.run_in_executor(None, resolve, self.cfg.drafters) if self.cfg.mode != "ar" else []
+            if v_addrs and (self.cfg.mode == "ar" or d_addrs):
+                break
+            if loop.time() > deadline:
+                raise SystemExit(f"cannot resolve verifiers {self.cfg.verifiers!r} / drafters {self.cfg.drafters!r}")
+            log.info("waiting for replica names to resolve (verifiers %s, drafters %s)", v_addrs or "-",
+                     d_addrs or "-")
+            await asyncio.sleep(1.0)
         await asyncio.gather(*(self._connect(self.verifiers, a, "verifier", timeout_s) for a in v_addrs),
                              *(self._connect(self.drafters, a, "drafter", timeout_s) for a in d_addrs))
         for address in v_addrs:
