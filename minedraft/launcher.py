@@ -92,7 +92,7 @@ class Cluster:
         return f"127.0.0.1:{self.router_port}"
 
     def _spawn(self, role: str, module: str, args: list[str]) -> subprocess.Popen:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", MINEDRAFT_PARENT_PID=str(os.getpid()))
         env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         out = None
         if self.log_dir:

@@ -8,6 +8,7 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 from typing import Awaitable, Callable, Iterable
 
 import grpc
@@ -15,6 +16,20 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 log = logging.getLogger("minedraft")
+
+
+def die_with_parent() -> None:
+    """When started by `minedraft up` or the tests (MINEDRAFT_PARENT_PID set), exit with the launcher even if it is
+    killed with SIGKILL and cannot stop us itself: the kernel sends SIGTERM (Linux PR_SET_PDEATHSIG)."""
+    parent = os.environ.get("MINEDRAFT_PARENT_PID")
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != int(parent):  # the launcher died before we could ask
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def setup_logging(role: str) -> None:

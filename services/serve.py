@@ -18,6 +18,7 @@ def main(role: str, argv=None) -> None:
     config.add_arguments(parser, config.ModelServiceConfig)
     args = parser.parse_args(argv)
     cfg = config.load(config.ModelServiceConfig, role.upper(), args).resolved(role)
+    common.die_with_parent()
     common.setup_logging(role)
     common.run(_serve(role, cfg))
 

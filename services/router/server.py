@@ -117,5 +117,6 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="minedraft-router", description="minedraft router (public gRPC API)")
     config.add_arguments(parser, config.RouterConfig)
     cfg = config.load(config.RouterConfig, "ROUTER", parser.parse_args(argv)).resolved()
+    common.die_with_parent()
     common.setup_logging("router")
     common.run(_serve(cfg))
