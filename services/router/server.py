@@ -53,8 +53,12 @@ def _parsed(method, request_cls, streaming: bool):
 
     if streaming:
         async def stream(raw, context):
-            async for msg in method(await parse(raw, context), context):
-                yield msg
+            messages = method(await parse(raw, context), context)
+            try:
+                async for msg in messages:
+                    yield msg
+            finally:  # closed with us, not whenever the garbage collector gets to it (it cancels the request)
+                await messages.aclose()
         return stream
 
     async def unary(raw, context):
