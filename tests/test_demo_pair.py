@@ -55,7 +55,8 @@ def test_checkpoint_files():
         gen = json.loads((d / "generation_config.json").read_text())
         assert gen["eos_token_id"] == cfg["eos_token_id"]
     assert (TARGET / "model.safetensors").stat().st_size < 20_000_000
-    assert (MODELS / "demo-pair.json").is_file()
+    report = json.loads((MODELS / "demo-pair.json").read_text())
+    assert 0.0 <= report["eval"]["acceptance"]["acceptance_rate"] <= 1.0
     assert (MODELS / "README.md").is_file()
 
 

@@ -126,13 +126,26 @@ def _load_sharegpt(limit: int | None) -> list[dict]:
     return out
 
 
+_STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "__pycache__",
+                     "idle_test", "lib2to3"}
+
+
+def _stdlib_files(root: Path) -> Iterator[Path]:
+    """``*.py`` under ``root`` in sorted order, skipping tests and installed packages."""
+    import os
+
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in _STDLIB_SKIP_DIRS)
+        for f in sorted(filenames):
+            if f.endswith(".py"):
+                yield Path(dirpath) / f
+
+
 def _load_stdlib(limit: int | None) -> list[dict]:
     root = Path(sysconfig.get_paths()["stdlib"])
     out: list[dict] = []
-    for path in sorted(root.rglob("*.py")):
+    for path in _stdlib_files(root):
         rel = path.relative_to(root).as_posix()
-        if "site-packages" in rel or "/test" in "/" + rel or rel.startswith("test"):
-            continue
         try:
             body = path.read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError):
@@ -188,7 +201,9 @@ def is_heldout(conv_id: str, heldout_fraction: float = HELDOUT_FRACTION) -> bool
     into parts), so the hash uses the part before the last ``_`` to keep all parts of
     one chat on the same side.
     """
-    base = conv_id.rsplit("_", 1)[0] if "_" in conv_id else conv_id
+    base, sep, part = conv_id.rpartition("_")
+    if not (sep and base and part.isdigit()):
+        base = conv_id
     return _bucket(base) < heldout_fraction
 
 
