@@ -165,6 +165,7 @@ def test_steady_load_no_errors_no_leaks(cluster):
 
 GREEDY = gpb.GenerateRequest(prompt=chat(PROMPTS[2]), max_new_tokens=40, ignore_eos=True)
 _greedy_before_kill: list[int] = []
+_baseline: list[dict] = []  # what the services held once the killed router was gone
 
 
 def held(cluster: Cluster) -> dict[str, tuple[int, int, int]]:
@@ -196,26 +197,34 @@ def test_router_killed_mid_load_frees_its_sessions(cluster):
         return await task
 
     t = time.perf_counter()
-    stats = asyncio.run(load_and_kill())
-    print(f"\nrouter killed after {seen[0]} streamed tokens: client statuses {dict(stats.statuses)}", flush=True)
-    assert stats.statuses["UNAVAILABLE"] > 0 and set(stats.statuses) <= {"UNAVAILABLE", "RESOURCE_EXHAUSTED", "OK"}
-    assert cluster.procs["drafter"].poll() is None and cluster.procs["verifier"].poll() is None
-    # the services notice the dead router's sessions ending and free everything they held for it
     try:
-        wait_kv_free(cluster, timeout_s=30)
+        stats = asyncio.run(load_and_kill())
+        print(f"\nrouter killed after {seen[0]} streamed tokens: client statuses {dict(stats.statuses)}", flush=True)
+        assert stats.statuses["UNAVAILABLE"] > 0 and \
+            set(stats.statuses) <= {"UNAVAILABLE", "RESOURCE_EXHAUSTED", "OK"}
+        assert cluster.procs["drafter"].poll() is None and cluster.procs["verifier"].poll() is None
+        # the services notice the dead router's sessions ending and free everything they held for it
+        try:
+            wait_kv_free(cluster, timeout_s=30)
+        finally:
+            print(f"held {time.perf_counter() - t:.1f}s after the kill (KV blocks, sequences, buffers): "
+                  f"{held(cluster)}", flush=True)
+        assert not leftover_segments(), leftover_segments()
     finally:
-        print(f"held {time.perf_counter() - t:.1f}s after the kill (KV blocks, sequences, buffers): {held(cluster)}",
-              flush=True)
-    assert not leftover_segments(), leftover_segments()
+        _baseline[:] = [held(cluster)]  # what the next test may find still held
+        if cluster.procs["router"].poll() is not None:
+            t = time.perf_counter()
+            cluster.restart("router")  # leaves the cluster serving whatever happened above
+            print(f"router restarted and SERVING in {time.perf_counter() - t:.1f}s", flush=True)
 
 
 def test_restarted_router_serves(cluster):
-    if cluster.procs["router"].poll() is None:
+    """The router restarted after the kill above (or killed and restarted here when run alone) serves."""
+    if not _baseline:
         cluster.kill("router")
-    baseline = held(cluster)  # whatever the killed router's sessions still hold (see the test above)
-    t = time.perf_counter()
-    cluster.restart("router")
-    print(f"\nrouter restarted and SERVING in {time.perf_counter() - t:.1f}s", flush=True)
+        _baseline[:] = [held(cluster)]
+        cluster.restart("router")
+    baseline = _baseline[0]  # whatever the killed router's sessions still hold (see the test above)
     stub = generate_pb2_grpc.GenerationStub(grpc.insecure_channel(cluster.address))
     out = list(stub.Generate(GREEDY, timeout=120).token_ids)
     assert len(out) == GREEDY.max_new_tokens and out == (_greedy_before_kill or out)
