@@ -72,6 +72,7 @@ class ModelService:
         self.params: dict[str, SamplingParams] = {}
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.role}-step")
         self.busy_s = 0.0
+        self.sessions = 0  # open router sessions; exported buffers are dropped when the last one closes
 
     def load(self) -> None:
         cfg = self.cfg
@@ -155,15 +156,22 @@ class ModelService:
         owned: set[str] = set()
         loop = asyncio.get_running_loop()
         peer = context.peer()
+        self.sessions += 1
         log.info("session opened by %s", peer)
         try:
             async for req in request_iterator:
                 yield await loop.run_in_executor(self.executor, self._timed_step, req, owned)
         finally:
-            released = await loop.run_in_executor(self.executor, self.release, list(owned), owned)
-            dropped = self.exporter.release_all()
-            log.info("session from %s closed: released %d sequences, %d buffers; KV blocks in use %d", peer, released,
-                     dropped, self.runner.cache.used_blocks)
+            # Submitted, not awaited: when the peer dies the RPC is cancelled, and an await here could be cancelled
+            # again before the release ran. On the step thread it runs after any step still in flight.
+            self.executor.submit(self._close_session, peer, owned)
+
+    def _close_session(self, peer: str, owned: set[str]) -> None:
+        released = self.release(list(owned), owned)
+        self.sessions -= 1
+        dropped = self.exporter.release_all() if self.sessions == 0 else 0
+        log.info("session from %s closed: released %d sequences, %d buffers; KV blocks in use %d", peer, released,
+                 dropped, self.runner.cache.used_blocks)
 
     def _timed_step(self, req, owned: set[str]):
         t = time.perf_counter()

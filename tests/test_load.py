@@ -176,9 +176,6 @@ def held(cluster: Cluster) -> dict[str, tuple[int, int, int]]:
             for r in ("verifier", "drafter") for i in [model_info(cluster, r)]}
 
 
-@pytest.mark.xfail(strict=False, reason="services/model_service.py Session: the release in its `finally` is an "
-                   "awaited executor call that a second CancelledError can interrupt when the peer dies, so a "
-                   "killed router's sequences sometimes stay held (reported; that file is not ours to change)")
 def test_router_killed_mid_load_frees_its_sessions(cluster):
     stub = generate_pb2_grpc.GenerationStub(grpc.insecure_channel(cluster.address))
     _greedy_before_kill[:] = stub.Generate(GREEDY, timeout=120).token_ids
