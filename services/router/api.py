@@ -4,6 +4,7 @@ failure) cancels the engine request, which frees its KV on both services."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -40,6 +41,9 @@ class GenerationServicer:
 
     def attach(self, router: Router, tokenizer, info: gpb.ServerInfo) -> "GenerationServicer":
         self.tokenizer, self.info = tokenizer, info
+        # No token is longer than this many characters, so a prompt longer than context x this cannot fit and is
+        # refused before tokenizing it (which would take ~1 s per MB).
+        self.max_token_chars = max(len(t) for t in tokenizer.get_vocab())
         self.router = router
         return self
 
@@ -48,12 +52,17 @@ class GenerationServicer:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "router is waiting for its model services")
 
     # ---- validation -----------------------------------------------------------------------------------------------
-    def _prompt_ids(self, req: gpb.GenerateRequest) -> list[int]:
+    async def _prompt_ids(self, req: gpb.GenerateRequest) -> list[int]:
         kind = req.WhichOneof("input")
         if kind == "prompt":
             if not req.prompt:
                 raise InvalidRequest("prompt is empty")
-            ids = self.tokenizer.encode(req.prompt, add_special_tokens=False)
+            if len(req.prompt) > self.router.max_len * self.max_token_chars:
+                raise InvalidRequest(f"prompt of {len(req.prompt)} characters cannot fit the context of "
+                                     f"{self.router.max_len} tokens")
+            # Off the event loop: other requests keep streaming while a long prompt is tokenized.
+            ids = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: self.tokenizer.encode(req.prompt, add_special_tokens=False))
         elif kind == "prompt_ids":
             ids = list(req.prompt_ids.ids)
             vocab = self.router.vocab_size
@@ -79,7 +88,7 @@ class GenerationServicer:
             raise InvalidRequest(str(exc)) from None
         return params
 
-    def build(self, req: gpb.GenerateRequest) -> Request:
+    async def build(self, req: gpb.GenerateRequest) -> Request:
         if req.model and req.model not in (self.info.target_model, ""):
             raise InvalidRequest(f"unknown model {req.model!r}; this server serves {self.info.target_model!r}")
         if len(req.request_id) > MAX_ID_CHARS:
@@ -87,7 +96,7 @@ class GenerationServicer:
         if len(req.stop) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_CHARS for s in req.stop):
             raise InvalidRequest(f"stop: at most {MAX_STOP_STRINGS} non-empty strings of <= {MAX_STOP_CHARS} chars")
         params = self._sampling(req)
-        ids = self._prompt_ids(req)
+        ids = await self._prompt_ids(req)
         ctx = self.router.max_len
         if len(ids) >= ctx:
             raise InvalidRequest(f"prompt has {len(ids)} tokens; the context length is {ctx}")
@@ -110,7 +119,7 @@ class GenerationServicer:
         """Yield (new_text, new_ids, finish_reason or None, Request) as the engine accepts tokens."""
         await self._require_ready(context)
         try:
-            r = self.build(req)
+            r = await self.build(req)
             self.router.submit(r)
         except InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))

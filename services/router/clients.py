@@ -90,7 +90,8 @@ class ModelClient:
             t = time.perf_counter()
             try:
                 resp = await asyncio.wait_for(self._exchange(request), self.timeout_s)
-            except (grpc.aio.AioRpcError, asyncio.TimeoutError, grpc.aio.UsageError) as exc:
+            except (grpc.aio.AioRpcError, asyncio.TimeoutError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
+                # InvalidStateError: "RPC already finished", the session ended under us (peer gone, shutdown)
                 self._session.cancel()
                 self._session = None
                 code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else grpc.StatusCode.UNAVAILABLE
