@@ -126,6 +126,10 @@ def run(args) -> int:
     from minedraft.bench import report
     from minedraft.bench.suite import run_suite
 
+    import signal
+
+    # SIGTERM unwinds like Ctrl-C, so the clusters' finally blocks stop the services instead of orphaning them.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
