@@ -65,13 +65,15 @@ def _mode_rows(res: dict) -> list[list[str]]:
                      _f(h["ttft_mean"], ".0f"), _f(h["ttft_p99"], ".0f"), _f(h["tpot_mean"], ".2f"),
                      _f(h["acceptance"], ".3f"), _f(h["accepted_per_step"], ".2f"), _f(h["drafter_busy"], ".2f"),
                      _f(h["verifier_busy"], ".2f"), _f(h["step_ms"], ".1f"), _f(h["router_ms"], ".2f"),
-                     _f(h["grpc_ms"], ".2f"), _f(100 * h["overhead_frac"], ".1f"), str(h["failed"])])
+                     _f(h["grpc_ms"], ".2f"), _f(100 * h["overhead_frac"], ".1f"),
+                     f"{_f(h.get('router_cpu_frac', math.nan), '.2f')} / {_f(h.get('client_cpu_frac', math.nan), '.2f')}",
+                     str(h["failed"])])
     hf = res.get("hf_assisted")
     if hf:
         rows.append([f"hf-assisted ({hf['requests']} req, {hf['threads']} thr)", _f(hf["output_tps"]),
                      _f(hf["generate_ms"]["mean"], ".0f") + "*", _f(hf["generate_ms"]["p50"], ".0f") + "*",
                      _f(hf["generate_ms"]["p99"], ".0f") + "*", _f(hf["ttft_ms"]["mean"], ".0f") + "*",
-                     _f(hf["ttft_ms"]["p99"], ".0f") + "*", _f(hf["tpot_ms"]["mean"], ".2f")] + ["-"] * 9)
+                     _f(hf["ttft_ms"]["p99"], ".0f") + "*", _f(hf["tpot_ms"]["mean"], ".2f")] + ["-"] * 10)
     return rows
 
 
@@ -93,7 +95,9 @@ def markdown(res: dict, command: str = "", notes: str = "") -> str:
     out += ["## Modes on the same workload", ""]
     out += _table(["mode", "tok/s", "E2E mean ms", "E2E p50", "E2E p99", "TTFT mean", "TTFT p99", "TPOT ms",
                    "accept", "acc/step", "drafter busy", "verifier busy", "step ms", "router ms", "gRPC ms",
-                   "overhead %", "failed"], _mode_rows(res))
+                   "overhead %", "router / client CPU", "failed"], _mode_rows(res))
+    out += ["", "router / client CPU: cores' worth of CPU used by the router process and by the benchmark client "
+                "during the run; both share the 2 cores with the pinned drafter and verifier."]
     if res.get("hf_assisted"):
         out += ["", "\\* HF assisted: per-request generate time, requests served one after another (no queueing "
                     "counted), so only its tok/s compares with the servers."]
@@ -107,9 +111,10 @@ def markdown(res: dict, command: str = "", notes: str = "") -> str:
     out += _table([h for h, _ in cols], [[_f(c.get(k, math.nan), ".2f") for _, k in cols]])
     out += ["", "gain fraction = (psd/sd - 1) / (ideal - 1): the share of the possible overlap gain realised. "
                 "T_d, T_v: isolated stage timings at the main point (below)."]
-    out += ["", f"## Isolated stage timings (context {res['stage_context']} tokens, 1 torch thread, median)", ""]
-    out += _table(["draft", "k", "batch", "T_draft ms", "T_verify ms", "T_d/T_v", "ideal bound"],
-                  [[Path(s["draft_dir"]).name, str(s["k"]), str(s["batch"]), _f(s["draft_ms"], ".2f"),
+    out += ["", f"## Isolated stage timings (context: {res['stage_context']}; 1 torch thread, median)", ""]
+    out += _table(["draft", "k", "batch", "context mean/max", "T_draft ms", "T_verify ms", "T_d/T_v", "ideal bound"],
+                  [[Path(s["draft_dir"]).name, str(s["k"]), str(s["batch"]),
+                    f"{s['context']}/{s.get('context_max', s['context'])}", _f(s["draft_ms"], ".2f"),
                     _f(s["verify_ms"], ".2f"), _f(s["draft_over_verify"], ".2f"), _f(s["ideal_bound"], ".3f")]
                    for s in res["stages"]])
     if res.get("sweeps"):

@@ -11,6 +11,8 @@ by the trace file's size before the run and by GetModelInfo busy_seconds read be
 from __future__ import annotations
 
 import math
+import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +44,22 @@ def _router_args(spec: PointSpec, trace: Path, n: int) -> list[str]:
             "--trace-file", str(trace), "--max-queue", str(max(256, n)), *spec.router_args]
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process (Linux /proc), to see who uses the 2 cores: on this machine the router and
+    the benchmark client compete with the two pinned services."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _cpu_snapshot(cluster) -> dict[str, float | None]:
+    snap = {role: cpu_seconds(p.pid) for role, p in cluster.procs.items()}
+    snap["client"] = time.process_time()
+    return snap
+
+
 def run_point(spec: PointSpec, requests: list[BenchRequest], out_dir: Path, progress: bool = True) -> dict:
     from minedraft.launcher import Cluster
 
@@ -62,8 +80,10 @@ def run_point(spec: PointSpec, requests: list[BenchRequest], out_dir: Path, prog
         for i in range(spec.runs):
             offset = trace.stat().st_size if trace.exists() else 0
             busy0 = (client.busy_seconds(d_addr, "drafter") if d_addr else None, client.busy_seconds(v_addr, "verifier"))
+            cpu0 = _cpu_snapshot(cluster)
             results, wall = client.run_workload(cluster.address, requests, spec.concurrency,
                                                 desc=f"{spec.name} run {i + 1}/{spec.runs}" if progress else "")
+            cpu1 = _cpu_snapshot(cluster)
             busy1 = (client.busy_seconds(d_addr, "drafter") if d_addr else None, client.busy_seconds(v_addr, "verifier"))
             m = metrics.summarize(results, wall)
             m["drafter_busy"] = metrics.busy_fraction(busy0[0], busy1[0], wall)
@@ -71,6 +91,10 @@ def run_point(spec: PointSpec, requests: list[BenchRequest], out_dir: Path, prog
             ticks = tracefile.read(trace, offset) if trace.exists() else []
             m["trace"] = tracefile.summarize(ticks)
             m["trace_full_batch"] = tracefile.summarize(ticks, batch_filter=spec.batch)
+            # CPU share of each process over the run (1.0 = one core all the time); the machine has os.cpu_count().
+            m["cpu_frac"] = {r: (cpu1[r] - cpu0[r]) / wall for r in cpu0 if cpu0[r] is not None and cpu1[r] is not None}
+            m["router_cpu_ms_per_tick"] = 1e3 * (cpu1["router"] - cpu0["router"]) / len(ticks) if ticks and \
+                cpu0.get("router") is not None else math.nan
             m["trace_offset"] = offset
             runs.append(m)
             if i == 0:
@@ -95,4 +119,7 @@ def headline(point: dict) -> dict:
             "drafter_busy": m.get("drafter_busy", math.nan), "verifier_busy": m.get("verifier_busy", math.nan),
             "step_ms": t.get("step_ms", math.nan), "router_ms": t.get("router_overhead_ms", math.nan),
             "grpc_ms": t.get("grpc_overhead_ms", math.nan), "overhead_frac": t.get("overhead_frac", math.nan),
-            "failed": m.get("failed", 0)}
+            "router_cpu_frac": m.get("cpu_frac", {}).get("router", math.nan),
+            "client_cpu_frac": m.get("cpu_frac", {}).get("client", math.nan),
+            "router_cpu_ms_per_tick": m.get("router_cpu_ms_per_tick", math.nan),
+            "failed": int(m.get("failed", 0))}

@@ -21,7 +21,8 @@ class StageTiming:
     target_dir: str
     k: int
     batch: int
-    context: int
+    context: int  # mean context length of the batch's sequences
+    context_max: int  # longest one: attention pads the batch's keys to it
     draft_ms: float  # median T_draft: k draft forwards (the first one on 1 new token per sequence)
     verify_ms: float  # median T_verify: one target forward over k+1 tokens per sequence, plus acceptance
     threads: int
@@ -62,11 +63,12 @@ def _median_ms(fn, repeats: int, warmup: int, sync=lambda: None) -> float:
     return statistics.median(times)
 
 
-def time_stages(target_dir: str, draft_dir: str, k: int, batch: int, context: int, repeats: int = 7,
+def time_stages(target_dir: str, draft_dir: str, k: int, batch: int, context: int | list[int], repeats: int = 7,
                 warmup: int = 2, threads: int = 1, device: str = "cpu", seed: int = 0) -> StageTiming:
-    """Prefill `batch` random sequences of `context` tokens on both models, then time the two stages. Each repetition
-    rewrites the same positions (start = context), which the runtime treats as a rollback, so the context stays
-    fixed across repetitions."""
+    """Prefill `batch` random sequences on both models, then time the two stages. `context` is one length for all,
+    or per-sequence lengths (cycled), e.g. the workload's prompt lengths plus half the output: the runtime pads a
+    batch's attention to its longest sequence, so a uniform context would flatter a mixed batch. Each repetition
+    rewrites the same positions, which the runtime treats as a rollback, so the contexts stay fixed."""
     import torch
 
     from minedraft.runtime.runner import Extend, ModelRunner
@@ -78,25 +80,27 @@ def time_stages(target_dir: str, draft_dir: str, k: int, batch: int, context: in
     try:
         target, draft = _model(target_dir, device), _model(draft_dir, device)
         vocab = min(target.arch.vocab_size, draft.arch.vocab_size)
-        context = max(1, min(context, target.arch.max_position - k - 2, draft.arch.max_position - k - 2))
+        limit = min(target.arch.max_position, draft.arch.max_position) - k - 2
+        wanted = context if isinstance(context, list) else [context]
+        ctx = [max(1, min(wanted[i % len(wanted)], limit)) for i in range(batch)]
         g = torch.Generator().manual_seed(seed)
-        prompts = torch.randint(1, vocab, (batch, context + 1 + k), generator=g).tolist()
-        cap = batch * 16 * -(-(context + k + 2) // 16) + 64  # whole 16-token blocks per sequence
+        prompts = [torch.randint(1, vocab, (c + 1 + k,), generator=g).tolist() for c in ctx]
+        cap = sum(16 * -(-(c + k + 2) // 16) for c in ctx) + 64  # whole 16-token blocks per sequence
         runners = {"t": ModelRunner(target, cap), "d": ModelRunner(draft, cap)}
         ids = [f"bench-{i}" for i in range(batch)]
         with torch.inference_mode():
             for r in runners.values():  # prefill in chunks of a few sequences to bound memory
                 for i in range(0, batch, 8):
-                    r.step([Extend(ids[j], 0, prompts[j][:context]) for j in range(i, min(batch, i + 8))])
+                    r.step([Extend(ids[j], 0, prompts[j][:ctx[j]]) for j in range(i, min(batch, i + 8))])
             greedy = SamplingParams()
 
             def draft_step():
-                propose(runners["d"], [DraftRequest(ids[j], context, [prompts[j][context]], k, greedy)
+                propose(runners["d"], [DraftRequest(ids[j], ctx[j], [prompts[j][ctx[j]]], k, greedy)
                                        for j in range(batch)])
 
             def verify_step():
-                verify_batch(runners["t"], [VerifyRequest(ids[j], context, [prompts[j][context]],
-                                                          prompts[j][context + 1:context + 1 + k], None, greedy)
+                verify_batch(runners["t"], [VerifyRequest(ids[j], ctx[j], [prompts[j][ctx[j]]],
+                                                          prompts[j][ctx[j] + 1:ctx[j] + 1 + k], None, greedy)
                                             for j in range(batch)])
 
             sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
@@ -104,10 +108,11 @@ def time_stages(target_dir: str, draft_dir: str, k: int, batch: int, context: in
             v_ms = _median_ms(verify_step, repeats, warmup, sync)
     finally:
         torch.set_num_threads(prev_threads)
-    return StageTiming(draft_dir, target_dir, k, batch, context, d_ms, v_ms, threads, repeats)
+    return StageTiming(draft_dir, target_dir, k, batch, round(sum(ctx) / batch), max(ctx), d_ms, v_ms, threads,
+                       repeats)
 
 
-def time_grid(target_dir: str, points: list[tuple[str, int, int]], context: int, progress: bool = True,
+def time_grid(target_dir: str, points: list[tuple[str, int, int]], context: int | list[int], progress: bool = True,
               **kw) -> dict[tuple[str, int, int], StageTiming]:
     """Stage timings for many (draft_dir, k, batch) points, with a progress bar."""
     from tqdm import tqdm

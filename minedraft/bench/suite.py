@@ -78,9 +78,10 @@ def run_suite(cfg: SuiteConfig, log=print) -> dict:
     wl = workload.stats(main_requests)
     log(f"workload: {cfg.spec.describe()}: {wl}")
 
-    context = cfg.stage_context or int(wl["prompt_tokens_mean"] + wl["output_tokens_mean"] / 2)
+    # Per-sequence contexts like the workload's mid-decode ones (prompt + half the output), unless one is given.
+    context = cfg.stage_context or [len(r.prompt_ids) + r.output_len // 2 for r in all_requests]
     stage_points = [(cfg.drafts[0], cfg.k, cfg.batch)] + [(p["draft"], p["k"], p["batch"]) for p in sweeps]
-    log(f"stage timings at context {context} for {len(set(stage_points))} (draft, k, batch) points ...")
+    log(f"stage timings for {len(set(stage_points))} (draft, k, batch) points ...")
     timings = stages.time_grid(cfg.target, stage_points, context, progress=cfg.progress, repeats=cfg.stage_repeats,
                                device=cfg.device)
     stage_of = {key: t.as_dict() for key, t in timings.items()}
@@ -127,7 +128,8 @@ def run_suite(cfg: SuiteConfig, log=print) -> dict:
                            "names": {m: v["name"] for m, v in pts.items()},
                            "comparison": _compare(pts, st, None)})
     return {"config": _config_dict(cfg), "loadavg_at_start": load_at_start, "workload": {**wl, "spec": cfg.spec.describe()},
-            "stage_context": context, "stages": list(stage_of.values()), "main_stage": main_stage,
+            "stage_context": context if isinstance(context, int) else "workload (prompt + output/2 per sequence)",
+            "stages": list(stage_of.values()), "main_stage": main_stage,
             "modes": main, "main_headline": {m: headline(v) for m, v in main.items()},
             "hf_assisted": hf, "comparison": comparison, "sweeps": sweep_rows}
 
