@@ -158,6 +158,7 @@ def test_trace_read_offset_and_window(tmp_path):
         fh.write("\n".join(lines[3:]) + "\n")
     assert [t.tick for t in tracefile.read(f)] == [0, 1]
     assert [t.tick for t in tracefile.read(f, offset)] == [1]
+    assert [t.tick for t in tracefile.read(f, 0, offset)] == [0]
     ticks = [tracefile.Tick(i, i * 0.01, 0.5 if i in (3, 30) else 0.01, 4, 4) for i in range(40)]
     win = tracefile.window(ticks, 20)
     assert len(win) == 20 and all(t.dur < 0.1 for t in win)

@@ -29,11 +29,11 @@ def _plt():
 
 
 def timeline(traces: dict[str, tuple[str, int]], path: Path, n_ticks: int = 20, title: str = "") -> Path | None:
-    """traces: mode -> (trace file, byte offset of the measured window)."""
+    """traces: mode -> (trace file, byte offsets where the measured window begins and ends)."""
     panels = []
-    for mode, (file, offset) in traces.items():
+    for mode, (file, offset, end) in traces.items():
         if Path(file).exists():
-            ticks = tracefile.window(tracefile.read(file, offset), n_ticks)
+            ticks = tracefile.window(tracefile.read(file, offset, end), n_ticks)
             if ticks:
                 panels.append((mode, ticks))
     if not panels:

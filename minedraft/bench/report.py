@@ -104,13 +104,18 @@ def markdown(res: dict, command: str = "", notes: str = "") -> str:
     out += ["", "## Ratios", ""]
     cols = [("psd/sd tok/s", "psd_over_sd"), ("psd/ar tok/s", "psd_over_ar"), ("sd/ar tok/s", "sd_over_ar"),
             ("ideal bound", "ideal_bound"), ("fraction of ideal", "fraction_of_ideal"),
-            ("gain fraction", "gain_fraction"), ("T_d ms", "draft_ms"), ("T_v ms", "verify_ms"),
+            ("gain fraction", "gain_fraction"), ("steady step sd/psd", "step_sd_over_psd"),
+            ("its fraction of ideal", "step_fraction_of_ideal"), ("T_d ms", "draft_ms"), ("T_v ms", "verify_ms"),
             ("E2E psd/sd", "e2e_psd_over_sd"), ("E2E psd/ar", "e2e_psd_over_ar"), ("psd/HF tok/s", "psd_over_hf")]
     if "sd2b" in res.get("main_headline", {}):
         cols += [("psd/sd2b tok/s", "psd_over_sd2b"), ("E2E psd/sd2b", "e2e_psd_over_sd2b")]
     out += _table([h for h, _ in cols], [[_f(c.get(k, math.nan), ".2f") for _, k in cols]])
     out += ["", "gain fraction = (psd/sd - 1) / (ideal - 1): the share of the possible overlap gain realised. "
-                "T_d, T_v: isolated stage timings at the main point (below)."]
+                "steady step sd/psd = mean sd tick / mean psd tick over ticks verifying a full batch (both modes "
+                "verify one batch per tick, so this is the per-step speedup the bound describes, without ramp-up, "
+                "prefill and drain). T_d, T_v: isolated stage timings at the main point (below). Share of each run "
+                "spent in full-batch ticks: " + ", ".join(f"{m} {_f(h.get('full_batch_frac', math.nan), '.2f')}"
+                                                          for m, h in res.get("main_headline", {}).items()) + "."]
     out += ["", f"## Isolated stage timings (context: {res['stage_context']}; 1 torch thread, median)", ""]
     out += _table(["draft", "k", "batch", "context mean/max", "T_draft ms", "T_verify ms", "T_d/T_v", "ideal bound"],
                   [[Path(s["draft_dir"]).name, str(s["k"]), str(s["batch"]),
@@ -127,12 +132,14 @@ def markdown(res: dict, command: str = "", notes: str = "") -> str:
                          str(s["n"]), _f(s["stage"]["draft_ms"], ".1f"), _f(s["stage"]["verify_ms"], ".1f"),
                          _f(sd.get("tps", math.nan)), _f(psd.get("tps", math.nan)), _f(sc["psd_over_sd"], ".2f"),
                          _f(sc["ideal_bound"], ".2f"), _f(sc["fraction_of_ideal"], ".2f"),
-                         _f(sc["gain_fraction"], ".2f"), _f(sc["e2e_psd_over_sd"], ".2f"),
+                         _f(sc["gain_fraction"], ".2f"), _f(sc.get("step_sd_over_psd", math.nan), ".2f"),
+                         _f(sc["e2e_psd_over_sd"], ".2f"),
                          _f(psd.get("acceptance", math.nan), ".2f"), _f(psd.get("drafter_busy", math.nan), ".2f"),
                          _f(psd.get("verifier_busy", math.nan), ".2f"),
                          _f(100 * psd.get("overhead_frac", math.nan), ".1f")])
         out += _table(["sweep", "value", "k", "batch", "draft", "requests", "T_d ms", "T_v ms", "sd tok/s",
-                       "psd tok/s", "psd/sd", "ideal", "fraction", "gain fraction", "E2E psd/sd", "accept",
+                       "psd tok/s", "psd/sd", "ideal", "fraction", "gain fraction", "steady step sd/psd",
+                       "E2E psd/sd", "accept",
                        "psd drafter busy", "psd verifier busy", "psd overhead %"], rows)
     out += ["", "## Targets", ""]
     out += _table(["target", "aim", "measured", "met", "why (numbers)"],
@@ -147,8 +154,8 @@ def markdown(res: dict, command: str = "", notes: str = "") -> str:
 def make_plots(res: dict, out: Path) -> list[str]:
     made = []
     modes = res.get("modes", {})
-    traces = {m: (modes[m]["trace_file"], modes[m]["per_run"][0]["trace_offset"]) for m in ("psd", "sd")
-              if m in modes and modes[m]["per_run"]}
+    traces = {m: (modes[m]["trace_file"], modes[m]["per_run"][0]["trace_offset"], modes[m]["per_run"][0]["trace_end"])
+              for m in ("psd", "sd") if m in modes and modes[m]["per_run"]}
     if plots.timeline(traces, out / "timeline.png", title=f"k={res['config']['k']}, batch={res['config']['batch']}"):
         made.append("timeline.png")
     rows = [s["points"][m] for s in res.get("sweeps", []) if s["param"] == "batch" for m in s["points"]]

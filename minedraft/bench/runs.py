@@ -88,14 +88,19 @@ def run_point(spec: PointSpec, requests: list[BenchRequest], out_dir: Path, prog
             m = metrics.summarize(results, wall)
             m["drafter_busy"] = metrics.busy_fraction(busy0[0], busy1[0], wall)
             m["verifier_busy"] = metrics.busy_fraction(busy0[1], busy1[1], wall)
-            ticks = tracefile.read(trace, offset) if trace.exists() else []
+            end = trace.stat().st_size if trace.exists() else 0
+            ticks = tracefile.read(trace, offset, end) if trace.exists() else []
             m["trace"] = tracefile.summarize(ticks)
             m["trace_full_batch"] = tracefile.summarize(ticks, batch_filter=spec.batch)
             # CPU share of each process over the run (1.0 = one core all the time); the machine has os.cpu_count().
             m["cpu_frac"] = {r: (cpu1[r] - cpu0[r]) / wall for r in cpu0 if cpu0[r] is not None and cpu1[r] is not None}
             m["router_cpu_ms_per_tick"] = 1e3 * (cpu1["router"] - cpu0["router"]) / len(ticks) if ticks and \
                 cpu0.get("router") is not None else math.nan
-            m["trace_offset"] = offset
+            m["trace_offset"], m["trace_end"] = offset, end
+            # Share of the run spent in ticks that verify a full batch (the steady state the ideal bound describes);
+            # the rest is ramp-up, prefill, and the drain where a batch runs part-empty or alone.
+            full = m["trace_full_batch"]
+            m["full_batch_time_frac"] = full["ticks"] * full["step_ms"] / 1e3 / wall if full.get("ticks") else 0.0
             runs.append(m)
             if i == 0:
                 per_request = [r.as_dict() for r in results]
@@ -119,6 +124,7 @@ def headline(point: dict) -> dict:
             "drafter_busy": m.get("drafter_busy", math.nan), "verifier_busy": m.get("verifier_busy", math.nan),
             "step_ms": t.get("step_ms", math.nan), "router_ms": t.get("router_overhead_ms", math.nan),
             "grpc_ms": t.get("grpc_overhead_ms", math.nan), "overhead_frac": t.get("overhead_frac", math.nan),
+            "full_batch_frac": m.get("full_batch_time_frac", math.nan),
             "router_cpu_frac": m.get("cpu_frac", {}).get("router", math.nan),
             "client_cpu_frac": m.get("cpu_frac", {}).get("client", math.nan),
             "router_cpu_ms_per_tick": m.get("router_cpu_ms_per_tick", math.nan),

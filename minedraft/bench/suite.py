@@ -138,6 +138,10 @@ def _compare(points: dict, stage: dict, hf: dict | None) -> dict:
     h = {m: headline(v) for m, v in points.items()}
     get = lambda m, key: h[m][key] if m in h else math.nan  # noqa: E731
     out = metrics.psd_comparison(get("psd", "tps"), get("sd", "tps"), stage["ideal_bound"])
+    # Steady state: both modes verify one full batch per tick, so the tick-time ratio is the per-step speedup that
+    # the ideal bound describes, free of ramp-up, prefill and drain.
+    out["step_sd_over_psd"] = metrics.ratio(get("sd", "step_ms"), get("psd", "step_ms"))
+    out["step_fraction_of_ideal"] = metrics.ratio(out["step_sd_over_psd"], stage["ideal_bound"])
     out.update(psd_over_ar=metrics.ratio(get("psd", "tps"), get("ar", "tps")),
                sd_over_ar=metrics.ratio(get("sd", "tps"), get("ar", "tps")),
                e2e_psd_over_sd=metrics.ratio(get("psd", "e2e_mean"), get("sd", "e2e_mean")),

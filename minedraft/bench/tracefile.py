@@ -88,11 +88,13 @@ def parse(lines) -> list[Tick]:
     return ticks
 
 
-def read(path: str | Path, offset: int = 0) -> list[Tick]:
-    """Ticks written after byte `offset` (the file's size when the measured window began)."""
+def read(path: str | Path, offset: int = 0, end: int | None = None) -> list[Tick]:
+    """Ticks written between byte `offset` and byte `end` (the file's sizes when the measured window began and
+    ended; the router appends every run of a point to one file)."""
     with open(path, "rb") as f:
         f.seek(offset)
-        return parse(f.read().decode().splitlines())
+        data = f.read() if end is None else f.read(max(0, end - offset))
+    return parse(data.decode().splitlines())
 
 
 def summarize(ticks: list[Tick], batch_filter: int | None = None) -> dict:
