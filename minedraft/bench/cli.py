@@ -81,7 +81,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "model service uses)")
     g.add_argument("--stage-context", type=int, default=None, help="context length for the isolated stage "
                    "timings (default: mean prompt + half the mean output)")
-    g.add_argument("--stage-repeats", type=int, default=7)
+    g.add_argument("--stage-repeats", type=int, default=15)
     g = b.add_argument_group("output")
     g.add_argument("--out", default="bench-out", help="directory for results.json, results.md, plots, traces, logs")
     g.add_argument("--notes", default="", help="markdown file appended to results.md as 'Notes'")

@@ -37,7 +37,7 @@ class SuiteConfig:
     hf_requests: int | None = None  # default: all requests
     hf_threads: int = 1
     stage_context: int | None = None  # default: mean prompt + half the mean output
-    stage_repeats: int = 7
+    stage_repeats: int = 15
     progress: bool = True
 
 
