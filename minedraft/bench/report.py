@@ -66,7 +66,8 @@ def _mode_rows(res: dict) -> list[list[str]]:
                      _f(h["acceptance"], ".3f"), _f(h["accepted_per_step"], ".2f"), _f(h["drafter_busy"], ".2f"),
                      _f(h["verifier_busy"], ".2f"), _f(h["step_ms"], ".1f"), _f(h["router_ms"], ".2f"),
                      _f(h["grpc_ms"], ".2f"), _f(100 * h["overhead_frac"], ".1f"),
-                     f"{_f(h.get('router_cpu_frac', math.nan), '.2f')} / {_f(h.get('client_cpu_frac', math.nan), '.2f')}",
+                     f"{_f(h.get('router_cpu_frac', math.nan), '.2f')} / {_f(h.get('client_cpu_frac', math.nan), '.2f')}"
+                     f" / {_f(h.get('other_cpu_frac', math.nan), '.2f')}",
                      str(h["failed"])])
     hf = res.get("hf_assisted")
     if hf:
@@ -95,9 +96,10 @@ def markdown(res: dict, command: str = "", notes: str = "") -> str:
     out += ["## Modes on the same workload", ""]
     out += _table(["mode", "tok/s", "E2E mean ms", "E2E p50", "E2E p99", "TTFT mean", "TTFT p99", "TPOT ms",
                    "accept", "acc/step", "drafter busy", "verifier busy", "step ms", "router ms", "gRPC ms",
-                   "overhead %", "router / client CPU", "failed"], _mode_rows(res))
-    out += ["", "router / client CPU: cores' worth of CPU used by the router process and by the benchmark client "
-                "during the run; both share the 2 cores with the pinned drafter and verifier."]
+                   "overhead %", "router / client / other CPU", "failed"], _mode_rows(res))
+    out += ["", "router / client / other CPU: cores' worth of CPU used during the run by the router process, by the "
+                "benchmark client, and by processes outside the benchmark (anything above ~0.1 disturbs the numbers: "
+                "the machine has 2 cores and the pinned drafter and verifier need both)."]
     if res.get("hf_assisted"):
         out += ["", "\\* HF assisted: per-request generate time, requests served one after another (no queueing "
                     "counted), so only its tok/s compares with the servers."]
@@ -136,11 +138,13 @@ def markdown(res: dict, command: str = "", notes: str = "") -> str:
                          _f(sc["e2e_psd_over_sd"], ".2f"),
                          _f(psd.get("acceptance", math.nan), ".2f"), _f(psd.get("drafter_busy", math.nan), ".2f"),
                          _f(psd.get("verifier_busy", math.nan), ".2f"),
-                         _f(100 * psd.get("overhead_frac", math.nan), ".1f")])
+                         _f(100 * psd.get("overhead_frac", math.nan), ".1f"),
+                         f"{_f(sd.get('other_cpu_frac', math.nan), '.2f')} / "
+                         f"{_f(psd.get('other_cpu_frac', math.nan), '.2f')}"])
         out += _table(["sweep", "value", "k", "batch", "draft", "requests", "T_d ms", "T_v ms", "sd tok/s",
                        "psd tok/s", "psd/sd", "ideal", "fraction", "gain fraction", "steady step sd/psd",
                        "E2E psd/sd", "accept",
-                       "psd drafter busy", "psd verifier busy", "psd overhead %"], rows)
+                       "psd drafter busy", "psd verifier busy", "psd overhead %", "other CPU sd / psd"], rows)
     out += ["", "## Targets", ""]
     out += _table(["target", "aim", "measured", "met", "why (numbers)"],
                   [[t["target"], t["aim"], t["measured"], {True: "yes", False: "**no**", None: "-"}[t["met"]],

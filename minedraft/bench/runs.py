@@ -54,9 +54,21 @@ def cpu_seconds(pid: int) -> float | None:
         return None
 
 
+def machine_busy_seconds() -> float | None:
+    """CPU seconds all cores spent busy since boot (/proc/stat): with our processes' own CPU subtracted, what is left
+    over a run is load from other processes on the machine, which disturbs the numbers (reported as 'other CPU')."""
+    try:
+        vals = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
+        return (sum(vals[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _cpu_snapshot(cluster) -> dict[str, float | None]:
     snap = {role: cpu_seconds(p.pid) for role, p in cluster.procs.items()}
     snap["client"] = time.process_time()
+    snap["machine"] = machine_busy_seconds()
     return snap
 
 
@@ -94,6 +106,9 @@ def run_point(spec: PointSpec, requests: list[BenchRequest], out_dir: Path, prog
             m["trace_full_batch"] = tracefile.summarize(ticks, batch_filter=spec.batch)
             # CPU share of each process over the run (1.0 = one core all the time); the machine has os.cpu_count().
             m["cpu_frac"] = {r: (cpu1[r] - cpu0[r]) / wall for r in cpu0 if cpu0[r] is not None and cpu1[r] is not None}
+            if "machine" in m["cpu_frac"]:
+                ours = sum(v for r, v in m["cpu_frac"].items() if r != "machine")
+                m["cpu_frac"]["other"] = max(0.0, m["cpu_frac"].pop("machine") - ours)
             m["router_cpu_ms_per_tick"] = 1e3 * (cpu1["router"] - cpu0["router"]) / len(ticks) if ticks and \
                 cpu0.get("router") is not None else math.nan
             m["trace_offset"], m["trace_end"] = offset, end
@@ -127,5 +142,6 @@ def headline(point: dict) -> dict:
             "full_batch_frac": m.get("full_batch_time_frac", math.nan),
             "router_cpu_frac": m.get("cpu_frac", {}).get("router", math.nan),
             "client_cpu_frac": m.get("cpu_frac", {}).get("client", math.nan),
+            "other_cpu_frac": m.get("cpu_frac", {}).get("other", math.nan),
             "router_cpu_ms_per_tick": m.get("router_cpu_ms_per_tick", math.nan),
             "failed": int(m.get("failed", 0))}
