@@ -107,7 +107,8 @@ def markdown(res: dict, command: str = "", notes: str = "") -> str:
     cols = [("psd/sd tok/s", "psd_over_sd"), ("psd/ar tok/s", "psd_over_ar"), ("sd/ar tok/s", "sd_over_ar"),
             ("ideal bound", "ideal_bound"), ("fraction of ideal", "fraction_of_ideal"),
             ("gain fraction", "gain_fraction"), ("steady step sd/psd", "step_sd_over_psd"),
-            ("its fraction of ideal", "step_fraction_of_ideal"), ("T_d ms", "draft_ms"), ("T_v ms", "verify_ms"),
+            ("its fraction of ideal", "step_fraction_of_ideal"), ("in-service bound", "service_bound"),
+            ("T_d ms", "draft_ms"), ("T_v ms", "verify_ms"),
             ("E2E psd/sd", "e2e_psd_over_sd"), ("E2E psd/ar", "e2e_psd_over_ar"), ("psd/HF tok/s", "psd_over_hf")]
     if "sd2b" in res.get("main_headline", {}):
         cols += [("psd/sd2b tok/s", "psd_over_sd2b"), ("E2E psd/sd2b", "e2e_psd_over_sd2b")]
@@ -115,7 +116,8 @@ def markdown(res: dict, command: str = "", notes: str = "") -> str:
     out += ["", "gain fraction = (psd/sd - 1) / (ideal - 1): the share of the possible overlap gain realised. "
                 "steady step sd/psd = mean sd tick / mean psd tick over ticks verifying a full batch (both modes "
                 "verify one batch per tick, so this is the per-step speedup the bound describes, without ramp-up, "
-                "prefill and drain). T_d, T_v: isolated stage timings at the main point (below). Share of each run "
+                "prefill and drain). in-service bound: (T_d + T_v) / max(T_d, T_v) from the draft and verify "
+                "compute the services reported during the sd run (full-batch ticks). T_d, T_v: isolated stage timings at the main point (below). Share of each run "
                 "spent in full-batch ticks: " + ", ".join(f"{m} {_f(h.get('full_batch_frac', math.nan), '.2f')}"
                                                           for m, h in res.get("main_headline", {}).items()) + "."]
     out += ["", f"## Isolated stage timings (context: {res['stage_context']}; 1 torch thread, median)", ""]
@@ -135,6 +137,7 @@ def markdown(res: dict, command: str = "", notes: str = "") -> str:
                          _f(sd.get("tps", math.nan)), _f(psd.get("tps", math.nan)), _f(sc["psd_over_sd"], ".2f"),
                          _f(sc["ideal_bound"], ".2f"), _f(sc["fraction_of_ideal"], ".2f"),
                          _f(sc["gain_fraction"], ".2f"), _f(sc.get("step_sd_over_psd", math.nan), ".2f"),
+                         _f(sc.get("service_bound", math.nan), ".2f"),
                          _f(sc["e2e_psd_over_sd"], ".2f"),
                          _f(psd.get("acceptance", math.nan), ".2f"), _f(psd.get("drafter_busy", math.nan), ".2f"),
                          _f(psd.get("verifier_busy", math.nan), ".2f"),
@@ -142,7 +145,7 @@ def markdown(res: dict, command: str = "", notes: str = "") -> str:
                          f"{_f(sd.get('other_cpu_frac', math.nan), '.2f')} / "
                          f"{_f(psd.get('other_cpu_frac', math.nan), '.2f')}"])
         out += _table(["sweep", "value", "k", "batch", "draft", "requests", "T_d ms", "T_v ms", "sd tok/s",
-                       "psd tok/s", "psd/sd", "ideal", "fraction", "gain fraction", "steady step sd/psd",
+                       "psd tok/s", "psd/sd", "ideal", "fraction", "gain fraction", "steady step sd/psd", "in-service bound",
                        "E2E psd/sd", "accept",
                        "psd drafter busy", "psd verifier busy", "psd overhead %", "other CPU sd / psd"], rows)
     out += ["", "## Targets", ""]

@@ -142,6 +142,11 @@ def _compare(points: dict, stage: dict, hf: dict | None) -> dict:
     # the ideal bound describes, free of ramp-up, prefill and drain.
     out["step_sd_over_psd"] = metrics.ratio(get("sd", "step_ms"), get("psd", "step_ms"))
     out["step_fraction_of_ideal"] = metrics.ratio(out["step_sd_over_psd"], stage["ideal_bound"])
+    # The same bound from the services' own compute times in the sd run (real batch mix and context growth, which
+    # the isolated timing only approximates).
+    d, v = get("sd", "draft_compute_ms"), get("sd", "verify_compute_ms")
+    out["service_bound"] = (d + v) / max(d, v) if d > 0 and v > 0 else math.nan
+    out["step_fraction_of_service_bound"] = metrics.ratio(out["step_sd_over_psd"], out["service_bound"])
     out.update(psd_over_ar=metrics.ratio(get("psd", "tps"), get("ar", "tps")),
                sd_over_ar=metrics.ratio(get("sd", "tps"), get("ar", "tps")),
                e2e_psd_over_sd=metrics.ratio(get("psd", "e2e_mean"), get("sd", "e2e_mean")),
