@@ -61,6 +61,18 @@ CHAT_TEMPLATE = (
 # --------------------------------------------------------------------------- args
 
 
+def parse_arch(text: str) -> dict:
+    """``k=v,...`` over DRAFT_ARCH's keys, so a typo fails at parse time, not after an hour."""
+    arch = dict(DRAFT_ARCH)
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        key, _, value = item.partition("=")
+        if key not in DRAFT_ARCH or not value.isdigit():
+            raise argparse.ArgumentTypeError(
+                f"bad draft arch item {item!r}; keys: {', '.join(DRAFT_ARCH)}")
+        arch[key] = int(value)
+    return arch
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m minedraft.demo.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -77,6 +89,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="truncate each conversation to this many tokens (more, shorter docs)")
     p.add_argument("--target-steps", type=int, default=900)
     p.add_argument("--draft-steps", type=int, default=500)
+    p.add_argument("--draft-arch", type=parse_arch, default=None, metavar="K=V,...",
+                   help="draft shape overrides, e.g. hidden_size=192,num_hidden_layers=4,"
+                        "num_attention_heads=3 (default: the committed demo draft's shape); "
+                        "a second draft size varies T_draft/T_verify for the benchmark")
     p.add_argument("--minutes-target", type=float, default=None,
                    help="wall-clock budget for the target; overrides --target-steps via a "
                         "timing calibration")
@@ -230,6 +246,10 @@ def make_config(arch: dict, vocab_size: int, eos_id: int):
     )
 
 
+def draft_arch(args) -> dict:
+    return args.draft_arch or DRAFT_ARCH
+
+
 def make_model(arch: dict, vocab_size: int, eos_id: int, seed: int):
     import torch
     from transformers import LlamaForCausalLM
@@ -347,7 +367,7 @@ def train_draft(args, windows, target, vocab_size, eos_id, steps: int):
     import torch
     from tqdm import tqdm
 
-    model = make_model(DRAFT_ARCH, vocab_size, eos_id, args.seed + 1)
+    model = make_model(draft_arch(args), vocab_size, eos_id, args.seed + 1)
     model.train()
     target.eval()
     opt = make_optimizer(model, args.draft_lr, args.weight_decay)
@@ -789,7 +809,7 @@ def main(argv=None) -> int:
         if args.minutes_target is not None:
             target_steps = calibrate_steps(t_step, args.minutes_target, "target")
         if args.minutes_draft is not None:
-            cal_d = make_model(DRAFT_ARCH, V, eos_id, 998)
+            cal_d = make_model(draft_arch(args), V, eos_id, 998)
             cal_dopt = make_optimizer(cal_d, 1e-4, 0.0)
 
             def d_step():
@@ -898,7 +918,7 @@ def main(argv=None) -> int:
                     "gen_lr": args.gen_lr, "gen_kd_alpha": args.gen_kd_alpha,
                     "autocast": autocast},
         "target": {"params": n_params(target), "arch": TARGET_ARCH, **t_info},
-        "draft": {"params": n_params(draft), "arch": DRAFT_ARCH, **d_info,
+        "draft": {"params": n_params(draft), "arch": draft_arch(args), **d_info,
                   "phase2": g_info},
         "val": val_info,
         "val_after_draft_phase1": val_phase1,
