@@ -164,7 +164,10 @@ class ModelService:
         finally:
             # Submitted, not awaited: when the peer dies the RPC is cancelled, and an await here could be cancelled
             # again before the release ran. On the step thread it runs after any step still in flight.
-            self.executor.submit(self._close_session, peer, owned)
+            try:
+                self.executor.submit(self._close_session, peer, owned)
+            except RuntimeError:  # the executor is shut down: the process is exiting, nothing else runs steps
+                self._close_session(peer, owned)
 
     def _close_session(self, peer: str, owned: set[str]) -> None:
         released = self.release(list(owned), owned)

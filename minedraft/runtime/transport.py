@@ -64,16 +64,17 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def sweep_orphans() -> list[str]:
-    """Unlink our segments whose creator died without cleaning up (kill -9). Only segments made in our own PID
-    namespace are judged: a pid from another container means nothing here."""
+def sweep_orphans(only_pids: set[int] | None = None) -> list[str]:
+    """Unlink our segments whose creator died without cleaning up (kill -9), or only those of `only_pids` (dead
+    children of a supervisor). Only segments made in our own PID namespace are judged: a pid from another container
+    means nothing here."""
     removed, ns = [], _pid_namespace()
     for name in leftover_segments():
         try:
             with open(SHM_DIR / name, "rb") as f:
                 header = f.read(_HEADER)
             pid, creator_ns = struct.unpack_from("<QQ", header, TOKEN_BYTES)
-            if creator_ns == ns and ns and not _alive(pid):
+            if creator_ns == ns and ns and not _alive(pid) and (only_pids is None or pid in only_pids):
                 (SHM_DIR / name).unlink()
                 removed.append(name)
         except (OSError, struct.error):

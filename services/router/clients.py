@@ -89,7 +89,10 @@ class ModelClient:
             request.step_id = next(self._ids)
             t = time.perf_counter()
             try:
-                resp = await asyncio.wait_for(self._exchange(request), self.timeout_s)
+                # asyncio.timeout, not wait_for: wait_for runs the exchange in a new task, which queues the write
+                # behind every other ready task (the clients' stream writes), on the critical path of each step.
+                async with asyncio.timeout(self.timeout_s):
+                    resp = await self._exchange(request)
             except (grpc.aio.AioRpcError, asyncio.TimeoutError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
                 # InvalidStateError: "RPC already finished", the session ended under us (peer gone, shutdown)
                 self._session.cancel()
