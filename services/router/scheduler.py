@@ -8,7 +8,7 @@ drafter, then swap. A tick costs ~max(T_draft, T_verify) instead of their sum. M
   ar   one batch, target only (verify with zero drafts).
 New requests join the smaller batch (the one just verified on ties, since it drafts next) and are prefilled on the
 verifier in the same call that verifies S. The router holds every request's prompt and accepted tokens (Sequence);
-the services only hold caches that the router can rebuild.
+the services only hold caches that the router can rebuild (recovery.py: what happens when one goes away).
 """
 
 from __future__ import annotations
@@ -17,52 +17,23 @@ import asyncio
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 import grpc
 
 from minedraft.config import RouterConfig
-from minedraft.runtime.sequence import Sequence
-from minedraft.v1 import common_pb2, model_service_pb2 as pb
+from minedraft.v1 import model_service_pb2 as pb
 from services.router.clients import ModelClient, ServiceError
-from services.router.negotiation import negotiate
+from services.router.recovery import Recovery
+from services.router.request import DRAFT, PREFILL, VERIFY, QueueFull, Request, buffer_name
 from services.router.trace import Trace
+
+__all__ = ["Engine", "QueueFull", "Request"]
 
 log = logging.getLogger(__name__)
 
-PREFILL, DRAFT, VERIFY = "prefill", "draft", "verify"  # what a running sequence needs next
 
-
-class QueueFull(Exception):
-    pass
-
-
-@dataclass
-class Request:
-    seq: Sequence
-    sampling: common_pb2.SamplingOptions
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)  # ("tokens", [ids]) | ("done", reason) | ("error", exc)
-    arrival: float = field(default_factory=time.perf_counter)
-    first_token_at: float | None = None
-    finished_at: float | None = None
-    phase: str = PREFILL
-    cancelled: bool = False
-    probs_ref: common_pb2.TensorRef | None = None  # where this sequence's draft probabilities live (sampled only)
-    probs_buffer: str = ""
-    lane: object = None  # the Engine this request is pinned to (set by the Router)
-
-    @property
-    def seq_id(self) -> str:
-        return self.seq.seq_id
-
-
-def _buffer_name(ref: common_pb2.TensorRef) -> str:
-    kind = ref.WhichOneof("payload")
-    return ref.shm.name if kind == "shm" else ref.cuda_ipc.name if kind == "cuda_ipc" else ""
-
-
-class Engine:
+class Engine(Recovery):
     def __init__(self, cfg: RouterConfig, verifier: ModelClient, drafter: ModelClient | None, transport: str):
         self.cfg, self.mode, self.k = cfg, cfg.mode, cfg.num_speculative_tokens
         self.verifier, self.drafter, self.transport = verifier, drafter, transport
@@ -113,31 +84,6 @@ class Engine:
     @property
     def load(self) -> int:
         return self.running + len(self.waiting)
-
-    def adopt(self, reqs: list[Request]) -> None:
-        """Take over requests from a lane that lost its verifier: they go first and re-prefill here."""
-        self.waiting.extendleft(reversed(reqs))
-        self.wake.set()
-
-    def evacuate(self) -> list[Request]:
-        """Hand every request over (this lane's verifier is gone). Each keeps its tokens; caches start empty."""
-        self._deliver()
-        self.dead = True
-        reqs = [r for r in self.batches[0] + self.batches[1] + list(self.waiting) if not r.cancelled]
-        self.batches[0].clear()
-        self.batches[1].clear()
-        self.waiting.clear()
-        self.reserved = [0] * len(self.reserved)
-        self.release_v = []
-        for r in reqs:
-            r.seq.reset_cache("draft")
-            r.seq.reset_cache("target")
-            r.seq.drafts, r.seq.draft_probs, r.phase = [], None, PREFILL
-            if r.probs_ref is not None:
-                self.discard_refs.append(r.probs_ref)
-            r.probs_ref, r.probs_buffer = None, ""
-        self.wake.set()
-        return reqs
 
     def cancel(self, req: Request) -> None:
         req.cancelled = True
@@ -241,14 +187,6 @@ class Engine:
         if not self.waiting:
             await self.wake.wait()
 
-    def _fail_running(self, exc: ServiceError) -> None:
-        log.error("failing %d running requests: %s %s", self.running, exc.code.name, exc)
-        self._deliver()
-        for batch in self.batches:
-            for req in batch:
-                req.events.put_nowait(("error", exc))
-                req.cancelled = True
-
     def _rebalance(self) -> None:
         """When one batch has emptied (its requests finished), split the other so the overlap resumes instead of
         running plain SD. Only sequences without stored drafts move: they get drafted wherever they go."""
@@ -306,55 +244,6 @@ class Engine:
             return exc
         return None
 
-    async def _lost(self, exc: ServiceError) -> None:
-        """A model service went away. The router holds every request's tokens, so nothing is lost but caches:
-        without a drafter we decode target-only until it is back; without a verifier we wait for it and re-prefill."""
-        if exc.source == "drafter":
-            log.warning("drafter lost (%s); continuing target-only until it is back", exc)
-            self.drafter_up = False
-            orphans = {}
-            for r in self.batches[0] + self.batches[1]:
-                r.seq.reset_cache("draft")
-                if r.phase == VERIFY:  # its drafts may be fine, but their probabilities died with the drafter
-                    if r.probs_ref is not None:
-                        orphans[r.probs_buffer] = r.probs_ref
-                    r.seq.drafts, r.seq.draft_probs, r.probs_ref, r.probs_buffer = [], None, None, ""
-                    r.phase = DRAFT
-            self.discard_refs.extend(orphans.values())
-            self.release_d, self.release_buffers = [], []
-            if self._drafter_watch is None or self._drafter_watch.done():
-                self._drafter_watch = asyncio.create_task(self._await_drafter())
-            return
-        if self.on_verifier_lost is not None and await self.on_verifier_lost(self):
-            return  # the router moved our requests to other lanes
-        log.warning("verifier lost (%s); waiting up to %.0fs for it to come back", exc, self.verifier_wait_s)
-        try:
-            await self.verifier.wait_ready(self.verifier_wait_s)
-            if self.drafter is not None and self.drafter_up:
-                self.transport = await negotiate(self.drafter, self.verifier, self.cfg.transport)
-        except (TimeoutError, Exception) as wait_exc:  # noqa: BLE001 - any failure here means: give up on them
-            raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"verifier unavailable: {wait_exc}") from wait_exc
-        log.info("verifier back; re-prefilling %d running requests", self.running)
-        self.release_v = []
-        for r in self.batches[0] + self.batches[1]:
-            r.seq.target_cached = 0
-
-    async def _await_drafter(self) -> None:
-        while True:
-            try:
-                if self.find_drafter is not None:  # any healthy replica will do: caches re-prefill anyway
-                    self.drafter = await self.find_drafter(self)
-                await self.drafter.wait_ready(timeout_s=3600)
-                self.transport = await negotiate(self.drafter, self.verifier, self.cfg.transport)
-                break
-            except Exception as exc:  # noqa: BLE001 - keep watching whatever went wrong
-                log.info("drafter still unavailable: %s", exc)
-                await asyncio.sleep(1.0)
-        log.info("drafter back at %s; speculation resumes (drafter caches re-prefill on first use)",
-                 self.drafter.address)
-        self.drafter_up = True
-        self.wake.set()
-
     async def _draft(self, reqs: list[Request], t0: float) -> None:
         if not reqs and not self.release_d and not self.release_buffers:
             return
@@ -370,7 +259,7 @@ class Engine:
         end_t = time.perf_counter()
         out = resp.propose
         ref = out.probs if out.HasField("probs") else None
-        name = _buffer_name(ref) if ref is not None else ""
+        name = buffer_name(ref) if ref is not None else ""
         for r, d in zip(reqs, out.seqs):
             r.seq.on_drafted(list(d.tokens), d.probs_row if d.probs_row >= 0 else None)
             r.probs_ref, r.probs_buffer = (ref, name) if d.probs_row >= 0 else (None, "")
