@@ -114,11 +114,11 @@ def markdown(res: dict, command: str = "", notes: str = "") -> str:
         cols += [("psd/sd2b tok/s", "psd_over_sd2b"), ("E2E psd/sd2b", "e2e_psd_over_sd2b")]
     out += _table([h for h, _ in cols], [[_f(c.get(k, math.nan), ".2f") for _, k in cols]])
     out += ["", "gain fraction = (psd/sd - 1) / (ideal - 1): the share of the possible overlap gain realised. "
-                "steady step sd/psd = mean sd tick / mean psd tick over ticks verifying a full batch (both modes "
+                "steady step sd/psd = mean sd tick / mean psd tick over decode ticks verifying a full batch, no prompt prefill in them (both modes "
                 "verify one batch per tick, so this is the per-step speedup the bound describes, without ramp-up, "
                 "prefill and drain). in-service bound: (T_d + T_v) / max(T_d, T_v) from the draft and verify "
-                "compute the services reported during the sd run (full-batch ticks). T_d, T_v: isolated stage timings at the main point (below). Share of each run "
-                "spent in full-batch ticks: " + ", ".join(f"{m} {_f(h.get('full_batch_frac', math.nan), '.2f')}"
+                "compute the services reported during the sd run (full-batch decode ticks). T_d, T_v: isolated stage timings at the main point (below). Share of each run "
+                "spent in full-batch decode ticks: " + ", ".join(f"{m} {_f(h.get('full_batch_frac', math.nan), '.2f')}"
                                                           for m, h in res.get("main_headline", {}).items()) + "."]
     out += ["", f"## Isolated stage timings (context: {res['stage_context']}; 1 torch thread, median)", ""]
     out += _table(["draft", "k", "batch", "context mean/max", "T_draft ms", "T_verify ms", "T_d/T_v", "ideal bound"],

@@ -36,7 +36,7 @@ def _explain(p: dict) -> str:
             f"{_f(psd['step_ms'], '.1f')} ms; psd busy drafter {_f(psd['drafter_busy'])} / verifier "
             f"{_f(psd['verifier_busy'])}; psd router+gRPC overhead {_f(100 * psd['overhead_frac'], '.1f')}% of a step; "
             f"acceptance sd {_f(sd['acceptance'])} / psd {_f(psd['acceptance'])}; steady-state step ratio sd/psd "
-            f"{_f(c.get('step_sd_over_psd', math.nan))}; share of the psd run in full-batch ticks "
+            f"{_f(c.get('step_sd_over_psd', math.nan))}; share of the psd run in full-batch decode ticks "
             f"{_f(psd.get('full_batch_frac', math.nan))} (the rest is prefill, ramp-up and drain)")
 
 

@@ -27,6 +27,7 @@ class Call:
     end: float
     size: int
     compute_s: float
+    prefill: int = 0  # sequences this call started from position 0 (a whole prompt on that service)
 
     @property
     def compute_start(self) -> float:
@@ -41,6 +42,11 @@ class Tick:
     verify_batch: int
     draft_batch: int
     calls: list[Call] = field(default_factory=list)
+
+    @property
+    def prefills(self) -> bool:
+        """Does any call of this tick prefill a prompt? Such ticks are many times longer than a decode step."""
+        return any(c.prefill for c in self.calls)
 
     def covered(self, compute: bool = False) -> float:
         """Length of the union of call intervals (or of their compute parts) within the tick."""
@@ -84,7 +90,7 @@ def parse(lines) -> list[Tick]:
                               pending.pop(rec["tick"], [])))
         elif rec["kind"] in ("draft", "verify"):
             pending.setdefault(rec["tick"], []).append(Call(rec["kind"], rec["start"], rec["end"], rec.get("size", 0),
-                                                            rec.get("compute_ms", 0.0) / 1e3))
+                                                            rec.get("compute_ms", 0.0) / 1e3, rec.get("prefill", 0)))
     return ticks
 
 
@@ -98,9 +104,10 @@ def read(path: str | Path, offset: int = 0, end: int | None = None) -> list[Tick
 
 
 def summarize(ticks: list[Tick], batch_filter: int | None = None) -> dict:
-    """Per-step means (ms) and overhead shares. With `batch_filter`, only ticks whose verified batch has that many
-    sequences (the steady state at a given load) count."""
-    sel = [t for t in ticks if batch_filter is None or t.verify_batch == batch_filter]
+    """Per-step means (ms) and overhead shares. With `batch_filter`, only decode ticks whose verified batch has that
+    many sequences count (the steady state at a given load): ticks that prefill a prompt on either service are left
+    out, since one of them lasts as long as tens of decode steps and would swamp the mean."""
+    sel = [t for t in ticks if batch_filter is None or (t.verify_batch == batch_filter and not t.prefills)]
     if not sel:
         return {"ticks": 0}
     n = len(sel)

@@ -251,8 +251,10 @@ class Engine(Recovery):
         batch.release.seq_ids.extend(self.release_d)
         batch.release.buffers.extend(self.release_buffers)
         self.release_d, self.release_buffers = [], []
+        prefills = 0  # sequences the drafter starts from position 0 (new, or after a fault): for the trace
         for r in reqs:
             start, tokens = r.seq.draft_input()
+            prefills += start == 0
             batch.seqs.add(seq_id=r.seq_id, start=start, tokens=tokens, k=r.seq.draft_len(self.k), sampling=r.sampling)
         start_t = time.perf_counter()
         resp = await self.drafter.step(pb.DrafterRequest(propose=batch))
@@ -266,7 +268,7 @@ class Engine(Recovery):
             r.phase = VERIFY
         if reqs:
             self.trace.step("draft", self.drafter.address, self.ticks, start_t - t0, end_t - t0, len(reqs),
-                            out.compute_ms)
+                            out.compute_ms, prefills)
 
     async def _verify(self, reqs: list[Request], t0: float) -> None:
         if not reqs:
@@ -279,8 +281,10 @@ class Engine(Recovery):
             raise ServiceError(grpc.StatusCode.INTERNAL, "one verify step got drafts from two draft steps")
         if refs:
             batch.draft_probs.CopyFrom(next(iter(refs.values())))
+        prefills = 0
         for r in reqs:
             start, tokens = r.seq.verify_input()
+            prefills += start == 0
             drafts = r.seq.drafts if r.phase == VERIFY else []
             row = r.seq.draft_probs if (r.phase == VERIFY and r.seq.draft_probs is not None) else -1
             batch.seqs.add(seq_id=r.seq_id, start=start, tokens=tokens, drafts=drafts, probs_row=row,
@@ -304,7 +308,7 @@ class Engine(Recovery):
                 r.finished_at = now
                 self._outbox.append((r.events, ("done", r.seq.finish_reason)))
         self.trace.step("verify", self.verifier.address, self.ticks, start_t - t0, end_t - t0, len(reqs),
-                        resp.verify.compute_ms)
+                        resp.verify.compute_ms, prefills)
 
     async def _flush_releases(self) -> None:
         """When idle, free what finished sequences still hold instead of waiting for the next step. The lists are

@@ -23,11 +23,13 @@ class Trace:
         self.compute = {"draft": 0.0, "verify": 0.0}
         self.tick_s, self.ticks = 0.0, 0
 
-    def step(self, kind: str, replica: str, tick: int, start_s: float, end_s: float, size: int, compute_ms: float):
+    def step(self, kind: str, replica: str, tick: int, start_s: float, end_s: float, size: int, compute_ms: float,
+             prefill: int = 0):
+        """One call; `prefill` counts its sequences that the service starts from position 0 (whole prompt)."""
         self.busy[kind] += end_s - start_s
         self.compute[kind] += compute_ms / 1e3
         self._emit({"kind": kind, "replica": replica, "tick": tick, "start": start_s, "end": end_s, "size": size,
-                    "compute_ms": round(compute_ms, 3)})
+                    "compute_ms": round(compute_ms, 3), "prefill": prefill})
 
     def tick(self, tick: int, t0: float, t1: float, size_s: int, size_o: int) -> None:
         self.tick_s += t1 - t0
