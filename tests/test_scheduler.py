@@ -121,6 +121,11 @@ def test_lossless_and_schedule(services, prompts, mode):
     ticks = [r for r in rec if r["kind"] == "tick"]
     by_tick = {t["tick"]: [r["kind"] for r in rec if r["kind"] in ("draft", "verify") and r["tick"] == t["tick"]]
                for t in ticks}
+    if mode != "ar":
+        # The drafter caches the prompts while the verifier prefills them: tick 0 holds both calls, and no later draft
+        # call has to start a sequence from position 0.
+        assert sorted(by_tick[0]) == ["draft", "verify"]
+        assert all(r["prefill"] == 0 for r in rec if r["kind"] == "draft" and r["tick"] > 0)
     if mode == "psd":
         # All six arrive together: split 3/3; tick 0 prefills everyone, tick 1 drafts S first (no stored drafts),
         # and from then on a tick verifies one batch while drafting the other.

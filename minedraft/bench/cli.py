@@ -74,6 +74,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--sweep-modes", default="sd,psd")
     g.add_argument("--sweep-requests", type=int, default=None, help="requests per sweep point (default: -n; "
                    "always at least 2 x batch)")
+    g.add_argument("--sweep-output-len", type=int, default=None, help="cap on the output length of sweep points "
+                   "(default: the workload's), so a sweep can run more requests in the same time")
     g = b.add_argument_group("baselines and stage timings")
     g.add_argument("--hf-requests", type=int, default=None, help="HF assisted runs on the first N requests only "
                    "(default: all); it serves them one at a time")
@@ -113,7 +115,8 @@ def config_from_args(args):
                        spec=spec, modes=modes, k=args.k, batch=args.max_batch_size, device=args.device,
                        concurrency=args.concurrency, runs=args.runs, warmup=not args.no_warmup,
                        sweeps=parse_sweeps(args.sweep), sweep_modes=[m for m in args.sweep_modes.split(",") if m],
-                       sweep_requests=args.sweep_requests, hf_requests=args.hf_requests, hf_threads=args.hf_threads,
+                       sweep_requests=args.sweep_requests, sweep_output_len=args.sweep_output_len,
+                       hf_requests=args.hf_requests, hf_threads=args.hf_threads,
                        stage_context=args.stage_context, stage_repeats=args.stage_repeats,
                        progress=not args.no_progress)
 

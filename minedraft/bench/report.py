@@ -133,7 +133,8 @@ def markdown(res: dict, command: str = "", notes: str = "") -> str:
             p, sc = s["points"], s["comparison"]
             sd, psd = p.get("sd", {}), p.get("psd", {})
             rows.append([s["param"], str(s["value"]), str(s["k"]), str(s["batch"]), Path(s["draft"]).name,
-                         str(s["n"]), _f(s["stage"]["draft_ms"], ".1f"), _f(s["stage"]["verify_ms"], ".1f"),
+                         f"{s['n']} x {s['output_len']}" if s.get("output_len") else str(s["n"]),
+                         _f(s["stage"]["draft_ms"], ".1f"), _f(s["stage"]["verify_ms"], ".1f"),
                          _f(sd.get("tps", math.nan)), _f(psd.get("tps", math.nan)), _f(sc["psd_over_sd"], ".2f"),
                          _f(sc["ideal_bound"], ".2f"), _f(sc["fraction_of_ideal"], ".2f"),
                          _f(sc["gain_fraction"], ".2f"), _f(sc.get("step_sd_over_psd", math.nan), ".2f"),
@@ -144,7 +145,7 @@ def markdown(res: dict, command: str = "", notes: str = "") -> str:
                          _f(100 * psd.get("overhead_frac", math.nan), ".1f"),
                          f"{_f(sd.get('other_cpu_frac', math.nan), '.2f')} / "
                          f"{_f(psd.get('other_cpu_frac', math.nan), '.2f')}"])
-        out += _table(["sweep", "value", "k", "batch", "draft", "requests", "T_d ms", "T_v ms", "sd tok/s",
+        out += _table(["sweep", "value", "k", "batch", "draft", "requests (x tokens)", "T_d ms", "T_v ms", "sd tok/s",
                        "psd tok/s", "psd/sd", "ideal", "fraction", "gain fraction", "steady step sd/psd", "in-service bound",
                        "E2E psd/sd", "accept",
                        "psd drafter busy", "psd verifier busy", "psd overhead %", "other CPU sd / psd"], rows)

@@ -34,6 +34,7 @@ class SuiteConfig:
     sweeps: dict[str, list[int]] = field(default_factory=dict)
     sweep_modes: list[str] = field(default_factory=lambda: ["sd", "psd"])
     sweep_requests: int | None = None  # default: the main workload's size, at least 2 x batch
+    sweep_output_len: int | None = None  # cap on sweep points' output lengths (default: the workload's own)
     hf_requests: int | None = None  # default: all requests
     hf_threads: int = 1
     stage_context: int | None = None  # default: mean prompt + half the mean output
@@ -53,11 +54,11 @@ def plan_sweeps(cfg: SuiteConfig) -> list[dict]:
         for v in values:
             k, b = (v, cfg.batch) if param == "k" else (cfg.k, v)
             out.append({"param": param, "value": v, "draft": cfg.drafts[0], "k": k, "batch": b,
-                        "n": _sweep_requests(cfg, b)})
+                        "n": _sweep_requests(cfg, b), "output_len": cfg.sweep_output_len})
     if len(cfg.drafts) > 1:
         for d in cfg.drafts:
             out.append({"param": "draft", "value": Path(d).name, "draft": d, "k": cfg.k, "batch": cfg.batch,
-                        "n": _sweep_requests(cfg, cfg.batch)})
+                        "n": _sweep_requests(cfg, cfg.batch), "output_len": cfg.sweep_output_len})
     return out
 
 
@@ -78,25 +79,38 @@ def run_suite(cfg: SuiteConfig, log=print) -> dict:
     wl = workload.stats(main_requests)
     log(f"workload: {cfg.spec.describe()}: {wl}")
 
-    # Per-sequence contexts like the workload's mid-decode ones (prompt + half the output), unless one is given.
-    context = cfg.stage_context or [len(r.prompt_ids) + r.output_len // 2 for r in all_requests]
-    stage_points = [(cfg.drafts[0], cfg.k, cfg.batch)] + [(p["draft"], p["k"], p["batch"]) for p in sweeps]
-    log(f"stage timings for {len(set(stage_points))} (draft, k, batch) points ...")
-    timings = stages.time_grid(cfg.target, stage_points, context, progress=cfg.progress, repeats=cfg.stage_repeats,
-                               device=cfg.device)
-    stage_of = {key: t.as_dict() for key, t in timings.items()}
+    def requests_for(n: int, output_len: int | None) -> list[workload.BenchRequest]:
+        return [replace(r, output_len=min(r.output_len, output_len or r.output_len)) for r in all_requests[:n]]
+
+    # Per-sequence contexts like the workload's mid-decode ones (prompt + half the output), unless one is given; a
+    # sweep with shorter outputs gets its own, so each bound is timed at the contexts its runs decode at.
+    def context_for(output_len: int | None) -> int | list[int]:
+        return cfg.stage_context or [len(r.prompt_ids) + r.output_len // 2 for r in requests_for(n_max, output_len)]
+
+    sweep_ctx = cfg.sweep_output_len if context_for(cfg.sweep_output_len) != context_for(None) else None
+    stage_points = [(cfg.drafts[0], cfg.k, cfg.batch, None)] + [(p["draft"], p["k"], p["batch"], sweep_ctx)
+                                                                for p in sweeps]
+    log(f"stage timings for {len(set(stage_points))} (draft, k, batch, context) points ...")
+    stage_of = {}
+    for out_len in dict.fromkeys(o for *_, o in stage_points):
+        grid = [(d, k, b) for d, k, b, o in stage_points if o == out_len]
+        timings = stages.time_grid(cfg.target, grid, context_for(out_len), progress=cfg.progress,
+                                   repeats=cfg.stage_repeats, device=cfg.device)
+        stage_of.update({(*key, out_len): t.as_dict() for key, t in timings.items()})
 
     def spec_for(mode: str, draft: str, k: int, batch: int) -> PointSpec:
         return PointSpec(mode, cfg.target, draft, k=k, batch=batch, device=cfg.device,
                          concurrency=cfg.concurrency, warmup=cfg.warmup, runs=cfg.runs)
 
-    done: dict[tuple, dict] = {}  # (mode, draft, k, batch, n) -> point, so identical points run once
+    done: dict[tuple, dict] = {}  # (mode, draft, k, batch, n, output cap) -> point, so identical points run once
 
-    def point(mode: str, draft: str, k: int, batch: int, n: int) -> dict:
-        key = (mode, draft, k, batch, n)
+    def point(mode: str, draft: str, k: int, batch: int, n: int, output_len: int | None = None) -> dict:
+        key = (mode, draft, k, batch, n, output_len)
         if key not in done:
-            log(f"running {mode} k={k} batch={batch} draft={Path(draft).name} on {n} requests ...")
-            done[key] = run_point(spec_for(mode, draft, k, batch), all_requests[:n], cfg.out, cfg.progress)
+            log(f"running {mode} k={k} batch={batch} draft={Path(draft).name} on {n} requests"
+                f"{f' (outputs capped at {output_len})' if output_len else ''} ...")
+            done[key] = run_point(spec_for(mode, draft, k, batch), requests_for(n, output_len), cfg.out,
+                                  cfg.progress)
             h = headline(done[key])
             log(f"  {h['tps']:.1f} tok/s, e2e mean {h['e2e_mean']:.0f} ms, acceptance {h['acceptance']:.2f}, "
                 f"failed {h['failed']}")
@@ -117,18 +131,18 @@ def run_suite(cfg: SuiteConfig, log=print) -> dict:
             f"{cfg.hf_threads} torch thread(s) ...")
         hf = hf_assisted.run(cfg.target, cfg.drafts[0], sub, cfg.k, cfg.hf_threads, cfg.device, cfg.progress)
 
-    main_stage = stage_of[(cfg.drafts[0], cfg.k, cfg.batch)]
+    main_stage = stage_of[(cfg.drafts[0], cfg.k, cfg.batch, None)]
     comparison = _compare(main, main_stage, hf)
 
     sweep_rows = []
     for p in sweeps:
-        pts = {m: point(m, p["draft"], p["k"], p["batch"], p["n"]) for m in cfg.sweep_modes}
-        st = stage_of[(p["draft"], p["k"], p["batch"])]
+        pts = {m: point(m, p["draft"], p["k"], p["batch"], p["n"], p["output_len"]) for m in cfg.sweep_modes}
+        st = stage_of[(p["draft"], p["k"], p["batch"], sweep_ctx)]
         sweep_rows.append({**p, "stage": st, "points": {m: headline(v) for m, v in pts.items()},
                            "names": {m: v["name"] for m, v in pts.items()},
                            "comparison": _compare(pts, st, None)})
     return {"config": _config_dict(cfg), "loadavg_at_start": load_at_start, "workload": {**wl, "spec": cfg.spec.describe()},
-            "stage_context": context if isinstance(context, int) else "workload (prompt + output/2 per sequence)",
+            "stage_context": cfg.stage_context or "workload (prompt + output/2 per sequence)",
             "stages": list(stage_of.values()), "main_stage": main_stage,
             "modes": main, "main_headline": {m: headline(v) for m, v in main.items()},
             "hf_assisted": hf, "comparison": comparison, "sweeps": sweep_rows}

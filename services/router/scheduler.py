@@ -22,7 +22,7 @@ from typing import Awaitable, Callable
 import grpc
 
 from minedraft.config import RouterConfig
-from minedraft.v1 import model_service_pb2 as pb
+from minedraft.v1 import common_pb2, model_service_pb2 as pb
 from services.router.clients import ModelClient, ServiceError
 from services.router.recovery import Recovery
 from services.router.request import DRAFT, PREFILL, VERIFY, QueueFull, Request, buffer_name
@@ -116,10 +116,11 @@ class Engine(Recovery):
             for req in [r for r in batch if r.seq.finished or r.cancelled]:
                 batch.remove(req)
                 self.reserved = [r - n for r, n in zip(self.reserved, self._blocks(req))]
-                if req.phase != PREFILL:  # releasing on a service that never saw it is harmless
+                # Releasing on a service that never saw the sequence is harmless, just wasted work.
+                if req.phase != PREFILL:
                     self.release_v.append(req.seq_id)
-                    if self.drafter is not None:
-                        self.release_d.append(req.seq_id)
+                if self.drafter is not None and (req.phase != PREFILL or req.seq.draft_cached):
+                    self.release_d.append(req.seq_id)
                 if req.probs_buffer:
                     self.release_buffers.append(req.probs_buffer)
                 if req.cancelled and not req.seq.finished:
@@ -212,7 +213,10 @@ class Engine(Recovery):
         # New requests prefill with S's verification; without a drafter everyone is verified (target-only) each tick.
         verify_set = S + [r for r in O if r.phase == PREFILL or not speculate]
         draft_set = [r for r in O if r.phase == DRAFT] if self.mode == "psd" and speculate else []
-        verr, derr = await self._launch(self._verify(verify_set, t0), self._draft(draft_set, t0))
+        # The drafter caches new prompts while the verifier prefills them, so their first draft step feeds one token
+        # instead of the whole prompt: the draft-side prefill hides behind the (much longer) target prefill.
+        warm = [r for r in verify_set if r.phase == PREFILL and r.seq.draft_cached == 0] if speculate else []
+        verr, derr = await self._launch(self._verify(verify_set, t0), self._draft(draft_set, t0, warm))
         for err in (derr, verr):
             if err is not None:
                 await self._lost(err)  # raises if the requests cannot go on
@@ -244,18 +248,23 @@ class Engine(Recovery):
             return exc
         return None
 
-    async def _draft(self, reqs: list[Request], t0: float) -> None:
-        if not reqs and not self.release_d and not self.release_buffers:
+    async def _draft(self, reqs: list[Request], t0: float, cache_only: list[Request] = ()) -> None:
+        """Propose drafts for `reqs`; `cache_only` sequences are only written into the drafter's cache (k = 0)."""
+        if not reqs and not cache_only and not self.release_d and not self.release_buffers:
             return
         batch = pb.ProposeBatch(transport=self.transport)
         batch.release.seq_ids.extend(self.release_d)
         batch.release.buffers.extend(self.release_buffers)
         self.release_d, self.release_buffers = [], []
         prefills = 0  # sequences the drafter starts from position 0 (new, or after a fault): for the trace
-        for r in reqs:
+        cached_upto = []
+        for r in [*reqs, *cache_only]:
             start, tokens = r.seq.draft_input()
             prefills += start == 0
-            batch.seqs.add(seq_id=r.seq_id, start=start, tokens=tokens, k=r.seq.draft_len(self.k), sampling=r.sampling)
+            k = r.seq.draft_len(self.k) if r.phase == DRAFT else 0
+            batch.seqs.add(seq_id=r.seq_id, start=start, tokens=tokens, k=k, sampling=r.sampling)
+            cached_upto.append(start + len(tokens))
+        cached_upto = cached_upto[len(reqs):]
         start_t = time.perf_counter()
         resp = await self.drafter.step(pb.DrafterRequest(propose=batch))
         end_t = time.perf_counter()
@@ -266,9 +275,11 @@ class Engine(Recovery):
             r.seq.on_drafted(list(d.tokens), d.probs_row if d.probs_row >= 0 else None)
             r.probs_ref, r.probs_buffer = (ref, name) if d.probs_row >= 0 else (None, "")
             r.phase = VERIFY
-        if reqs:
-            self.trace.step("draft", self.drafter.address, self.ticks, start_t - t0, end_t - t0, len(reqs),
-                            out.compute_ms, prefills)
+        for r, upto in zip(cache_only, cached_upto):
+            r.seq.draft_cached = upto  # not len(tokens): the concurrent verify may have committed more since
+        if reqs or cache_only:
+            self.trace.step("draft", self.drafter.address, self.ticks, start_t - t0, end_t - t0,
+                            len(reqs) + len(cache_only), out.compute_ms, prefills)
 
     async def _verify(self, reqs: list[Request], t0: float) -> None:
         if not reqs:
