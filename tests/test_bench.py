@@ -175,6 +175,18 @@ def test_parse_sweeps():
             parse_sweeps([bad])
 
 
+def test_plan_sweeps_request_counts():
+    from minedraft.bench.suite import SuiteConfig, plan_sweeps
+
+    cfg = SuiteConfig(target="t", drafts=["d1", "d2"], out=Path("x"), sweeps={"k": [2], "batch": [1, 32]})
+    pts = plan_sweeps(cfg)
+    assert [(p["param"], p["k"], p["batch"], p["n"]) for p in pts] == [
+        ("k", 2, 16, 32), ("batch", 4, 1, 32), ("batch", 4, 32, 64), ("draft", 4, 16, 32), ("draft", 4, 16, 32)]
+    cfg.sweep_waves, cfg.sweep_output_len = 4, 128  # n scales with the batch; outputs capped
+    pts = plan_sweeps(cfg)
+    assert [p["n"] for p in pts] == [128, 8, 256, 128, 128] and {p["output_len"] for p in pts} == {128}
+
+
 def _headline(mode, tps, e2e, batch=16, overhead=0.03):
     return {"mode": mode, "batch": batch, "tps": tps, "e2e_mean": e2e, "ttft_mean": 1.0, "tpot_mean": 1.0,
             "step_ms": 10.0, "drafter_busy": 0.5, "verifier_busy": 0.9, "overhead_frac": overhead,

@@ -74,6 +74,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--sweep-modes", default="sd,psd")
     g.add_argument("--sweep-requests", type=int, default=None, help="requests per sweep point (default: -n; "
                    "always at least 2 x batch)")
+    g.add_argument("--sweep-waves", type=int, default=None, help="requests per sweep point = WAVES x (2 x batch), "
+                   "psd's in-flight count, so each point has the same share of ramp-up and drain (overrides "
+                   "--sweep-requests)")
     g.add_argument("--sweep-output-len", type=int, default=None, help="cap on the output length of sweep points "
                    "(default: the workload's), so a sweep can run more requests in the same time")
     g = b.add_argument_group("baselines and stage timings")
@@ -116,6 +119,7 @@ def config_from_args(args):
                        concurrency=args.concurrency, runs=args.runs, warmup=not args.no_warmup,
                        sweeps=parse_sweeps(args.sweep), sweep_modes=[m for m in args.sweep_modes.split(",") if m],
                        sweep_requests=args.sweep_requests, sweep_output_len=args.sweep_output_len,
+                       sweep_waves=args.sweep_waves,
                        hf_requests=args.hf_requests, hf_threads=args.hf_threads,
                        stage_context=args.stage_context, stage_repeats=args.stage_repeats,
                        progress=not args.no_progress)

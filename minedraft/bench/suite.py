@@ -35,6 +35,7 @@ class SuiteConfig:
     sweep_modes: list[str] = field(default_factory=lambda: ["sd", "psd"])
     sweep_requests: int | None = None  # default: the main workload's size, at least 2 x batch
     sweep_output_len: int | None = None  # cap on sweep points' output lengths (default: the workload's own)
+    sweep_waves: int | None = None  # if set, a sweep point runs waves x (2 x batch) requests, overriding sweep_requests
     hf_requests: int | None = None  # default: all requests
     hf_threads: int = 1
     stage_context: int | None = None  # default: mean prompt + half the mean output
@@ -43,7 +44,11 @@ class SuiteConfig:
 
 
 def _sweep_requests(cfg: SuiteConfig, batch: int) -> int:
-    """A sweep point needs at least 2 x batch requests, or psd's second batch would stay empty."""
+    """A sweep point needs at least 2 x batch requests, or psd's second batch would stay empty. With `sweep_waves`
+    the count scales with the batch, so every point spends the same share of its run in ramp-up and drain (an
+    offline run's last requests finish in a part-empty batch, whatever the mode)."""
+    if cfg.sweep_waves:
+        return cfg.sweep_waves * 2 * batch
     return max(cfg.sweep_requests or cfg.spec.num_requests, 2 * batch)
 
 
