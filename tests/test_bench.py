@@ -167,10 +167,20 @@ def test_trace_read_offset_and_window(tmp_path):
     assert all(t.verify_batch == 4 and t.dur < 0.1 for t in win)
 
 
+def test_trace_phases():
+    prefill = tracefile.Call("verify", 0.0, 0.3, 5, 0.29, prefill=1)
+    ticks = [tracefile.Tick(0, 0.0, 0.3, 4, 4, [prefill]),  # a prompt written: prefill, whatever the batch
+             tracefile.Tick(1, 0.3, 0.05, 4, 4), tracefile.Tick(2, 0.35, 0.05, 4, 3),
+             tracefile.Tick(3, 0.4, 0.02, 2, 1)]  # part-empty batches: the drain
+    got = tracefile.phases(ticks, batch=4)
+    assert got == pytest.approx({"prefill": 0.3, "full": 0.1, "partial": 0.02})
+
+
 # ---- cli and targets ----------------------------------------------------------------------------------------------
 def test_parse_sweeps():
     assert parse_sweeps(["k=1,2,4,8", "batch=1,32"]) == {"k": [1, 2, 4, 8], "batch": [1, 32]}
-    for bad in ("temperature=1", "k", "k=0"):
+    assert parse_sweeps(["rate=0.5,4"]) == {"rate": [0.5, 4.0]}
+    for bad in ("temperature=1", "k", "k=0", "k=1.5", "rate=0", "rate=x"):
         with pytest.raises(Exception):
             parse_sweeps([bad])
 
@@ -185,6 +195,9 @@ def test_plan_sweeps_request_counts():
     cfg.sweep_waves, cfg.sweep_output_len = 4, 128  # n scales with the batch; outputs capped
     pts = plan_sweeps(cfg)
     assert [p["n"] for p in pts] == [128, 8, 256, 128, 128] and {p["output_len"] for p in pts} == {128}
+    cfg.sweeps = {"rate": [2.0]}  # online load at the main k and batch
+    (p, *_) = plan_sweeps(cfg)
+    assert (p["k"], p["batch"], p["rate"], p["n"]) == (4, 16, 2.0, 128)
 
 
 def _headline(mode, tps, e2e, batch=16, overhead=0.03):
@@ -206,6 +219,16 @@ def test_targets_verdicts():
     got = targets.evaluate(res)
     assert [t["met"] for t in got] == [True, True, False, False, True]
     assert "TTFT" in got[2]["why"]
+    # A rate sweep adds one latency row per load and stays out of the throughput targets.
+    rate_point = {"param": "rate", "value": 4.0, "n": 64, "stage": stage,
+                  "points": {"sd": _headline("sd", 50.0, 2000.0), "psd": _headline("psd", 50.0, 1200.0)},
+                  "comparison": {**metrics.psd_comparison(50.0, 50.0, 2.0), "e2e_psd_over_sd": 0.6}}
+    for h in rate_point["points"].values():
+        h["e2e_p99"] = 2 * h["e2e_mean"]
+    res["sweeps"] = [rate_point]
+    got = targets.evaluate(res)
+    assert [t["met"] for t in got] == [True, True, False, True, False, True]
+    assert "4 req/s" in got[3]["target"] and "(main k=4 b=16)" in got[1]["measured"]
 
 
 # ---- one real run -------------------------------------------------------------------------------------------------

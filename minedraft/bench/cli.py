@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 
 
-def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v.strip()]
+def _numbers(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
 
 
 def parse_sweeps(items: list[str]) -> dict[str, list[int]]:
@@ -31,10 +31,16 @@ def parse_sweeps(items: list[str]) -> dict[str, list[int]]:
         name = name.strip().replace("max-batch-size", "batch").replace("num-speculative-tokens", "k")
         if not sep or name not in SWEEPABLE:
             raise argparse.ArgumentTypeError(f"--sweep {item!r}: expected one of {SWEEPABLE} as NAME=V1,V2,...")
-        vals = _ints(values)
-        if not vals or min(vals) < 1:
-            raise argparse.ArgumentTypeError(f"--sweep {item!r}: values must be integers >= 1")
-        out[name] = vals
+        try:
+            vals = _numbers(values)
+        except ValueError:
+            vals = []
+        if name != "rate" and any(v != int(v) for v in vals):
+            vals = []
+        if not vals or min(vals) < (1 if name != "rate" else 1e-9):
+            what = "rates > 0 (requests/s)" if name == "rate" else "integers >= 1"
+            raise argparse.ArgumentTypeError(f"--sweep {item!r}: values must be {what}")
+        out[name] = vals if name == "rate" else [int(v) for v in vals]
     return out
 
 
@@ -70,7 +76,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--no-warmup", action="store_true")
     g = b.add_argument_group("sweeps")
     g.add_argument("--sweep", action="append", default=[], metavar="NAME=V1,V2",
-                   help="k=1,2,4,8 or batch=1,4,16,32; each point runs --sweep-modes side by side")
+                   help="k=1,2,4,8, batch=1,4,16,32 or rate=1,2,4 (Poisson req/s: latency vs load); each point runs "
+                   "--sweep-modes side by side")
     g.add_argument("--sweep-modes", default="sd,psd")
     g.add_argument("--sweep-requests", type=int, default=None, help="requests per sweep point (default: -n; "
                    "always at least 2 x batch)")

@@ -8,6 +8,7 @@ every per-request number so anything in the tables can be recomputed.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import platform
@@ -16,6 +17,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from minedraft.bench import plots, targets
+
+log = logging.getLogger(__name__)
 
 
 def machine() -> dict:
@@ -78,6 +81,20 @@ def _mode_rows(res: dict) -> list[list[str]]:
     return rows
 
 
+def _phase_row(label: str, h: dict) -> list[str]:
+    parts = [h.get("prefill_frac", math.nan), h.get("full_batch_frac", math.nan), h.get("partial_frac", math.nan)]
+    return [label, *(_f(p, ".2f") for p in parts), _f(1 - sum(parts), ".2f")]
+
+
+def _shared_gpu_note(device: str) -> str:
+    """`--device` names one device for both services: on a GPU host that means they share it, which the issue allows
+    but which bounds the overlap (both stages' kernels contend for the same SMs), so the report says so."""
+    if not str(device).startswith("cuda"):
+        return ""
+    return (" (drafter and verifier share this one GPU: their kernels contend for it, so psd's overlap is bounded by "
+            "the GPU as well as by the two stages)")
+
+
 def markdown(res: dict, command: str = "", notes: str = "") -> str:
     m, wl, c = res["machine"], res["workload"], res["comparison"]
     cfg = res["config"]
@@ -88,7 +105,8 @@ def markdown(res: dict, command: str = "", notes: str = "") -> str:
             f"torch {m['torch']}, transformers {m['transformers']}, Python {m['python']}; commit {m['git_commit']}; "
             f"{m['date']}; load average before / after: {res.get('loadavg_at_start')} / {m['loadavg_at_report']}",
             f"- models: target `{cfg['target']}`, draft(s) {', '.join(f'`{d}`' for d in cfg['drafts'])}; "
-            f"device {cfg['device']}; k={cfg['k']}, batch={cfg['batch']} per in-flight batch; "
+            f"device {cfg['device']}{_shared_gpu_note(cfg['device'])}; k={cfg['k']}, batch={cfg['batch']} per "
+            "in-flight batch; "
             f"{cfg['runs']} measured run(s) per point after a warm-up round",
             f"- workload: {wl['spec']}; prompt tokens mean {_f(wl['prompt_tokens_mean'])} "
             f"(min {wl['prompt_tokens_min']}, max {wl['prompt_tokens_max']}), {wl['distinct_prompts']} distinct; "
@@ -117,9 +135,15 @@ def markdown(res: dict, command: str = "", notes: str = "") -> str:
                 "steady step sd/psd = mean sd tick / mean psd tick over decode ticks verifying a full batch, no prompt prefill in them (both modes "
                 "verify one batch per tick, so this is the per-step speedup the bound describes, without ramp-up, "
                 "prefill and drain). in-service bound: (T_d + T_v) / max(T_d, T_v) from the draft and verify "
-                "compute the services reported during the sd run (full-batch decode ticks). T_d, T_v: isolated stage timings at the main point (below). Share of each run "
-                "spent in full-batch decode ticks: " + ", ".join(f"{m} {_f(h.get('full_batch_frac', math.nan), '.2f')}"
-                                                          for m, h in res.get("main_headline", {}).items()) + "."]
+                "compute the services reported during the sd run (full-batch decode ticks). T_d, T_v: isolated "
+                "stage timings at the main point (below)."]
+    out += ["", "### Where each run's time went", ""]
+    out += _table(["mode", "prefill ticks", "full-batch decode", "part-empty decode (ramp-up, drain)", "rest"],
+                  [_phase_row(m, h) for m, h in res.get("main_headline", {}).items()])
+    out += ["", "Shares of the measured wall time, from the router's trace. The bound describes full-batch decode "
+                "only; prefill and the drain cost psd and sd about the same absolute time, so the larger their share, "
+                "the further the whole-run ratio falls below the steady-state one. rest: time with no tick running "
+                "(client and stream latency, the engine between ticks)."]
     out += ["", f"## Isolated stage timings (context: {res['stage_context']}; 1 torch thread, median)", ""]
     out += _table(["draft", "k", "batch", "context mean/max", "T_draft ms", "T_verify ms", "T_d/T_v", "ideal bound"],
                   [[Path(s["draft_dir"]).name, str(s["k"]), str(s["batch"]),
@@ -136,19 +160,23 @@ def markdown(res: dict, command: str = "", notes: str = "") -> str:
                          f"{s['n']} x {s['output_len']}" if s.get("output_len") else str(s["n"]),
                          _f(s["stage"]["draft_ms"], ".1f"), _f(s["stage"]["verify_ms"], ".1f"),
                          _f(sd.get("tps", math.nan)), _f(psd.get("tps", math.nan)), _f(sc["psd_over_sd"], ".2f"),
-                         _f(sc["ideal_bound"], ".2f"), _f(sc["fraction_of_ideal"], ".2f"),
-                         _f(sc["gain_fraction"], ".2f"), _f(sc.get("step_sd_over_psd", math.nan), ".2f"),
+                         # Under an offered load below capacity both modes deliver the load: no bound applies.
+                         *(["-"] * 3 if s["param"] == "rate" else [
+                             _f(sc["ideal_bound"], ".2f"), _f(sc["fraction_of_ideal"], ".2f"),
+                             _f(sc["gain_fraction"], ".2f")]), _f(sc.get("step_sd_over_psd", math.nan), ".2f"),
                          _f(sc.get("service_bound", math.nan), ".2f"),
                          _f(sc["e2e_psd_over_sd"], ".2f"),
                          _f(psd.get("acceptance", math.nan), ".2f"), _f(psd.get("drafter_busy", math.nan), ".2f"),
                          _f(psd.get("verifier_busy", math.nan), ".2f"),
                          _f(100 * psd.get("overhead_frac", math.nan), ".1f"),
+                         " / ".join(_phase_row("", psd)[1:4]),
                          f"{_f(sd.get('other_cpu_frac', math.nan), '.2f')} / "
                          f"{_f(psd.get('other_cpu_frac', math.nan), '.2f')}"])
         out += _table(["sweep", "value", "k", "batch", "draft", "requests (x tokens)", "T_d ms", "T_v ms", "sd tok/s",
                        "psd tok/s", "psd/sd", "ideal", "fraction", "gain fraction", "steady step sd/psd", "in-service bound",
                        "E2E psd/sd", "accept",
-                       "psd drafter busy", "psd verifier busy", "psd overhead %", "other CPU sd / psd"], rows)
+                       "psd drafter busy", "psd verifier busy", "psd overhead %",
+                       "psd time: prefill / full / part-empty", "other CPU sd / psd"], rows)
     out += ["", "## Targets", ""]
     out += _table(["target", "aim", "measured", "met", "why (numbers)"],
                   [[t["target"], t["aim"], t["measured"], {True: "yes", False: "**no**", None: "-"}[t["met"]],
@@ -174,9 +202,13 @@ def make_plots(res: dict, out: Path) -> list[str]:
     hf = res.get("hf_assisted")
     if plots.throughput_vs_batch(rows, out / "throughput_vs_batch.png", ideal, hf["output_tps"] if hf else None):
         made.append("throughput_vs_batch.png")
-    pts = [{"label": f"{s['param']}={s['value']}", **s["comparison"]} for s in res.get("sweeps", [])]
+    pts = [{"label": f"{s['param']}={s['value']}", **s["comparison"]} for s in res.get("sweeps", [])
+           if s["param"] != "rate"]
     if plots.ratio_vs_ideal(pts, out / "ratio_vs_ideal.png"):
         made.append("ratio_vs_ideal.png")
+    rates = [(s["value"], s["points"]) for s in res.get("sweeps", []) if s["param"] == "rate"]
+    if plots.latency_vs_rate(rates, out / "latency_vs_rate.png"):
+        made.append("latency_vs_rate.png")
     return made
 
 
@@ -184,7 +216,13 @@ def write(res: dict, out: Path, command: str = "", notes: str = "") -> dict:
     res["machine"] = machine()
     res["command"] = command
     res["targets"] = targets.evaluate(res)
-    res["plots"] = make_plots(res, out)
+    # The measurements are saved before anything that could fail on them: a run takes tens of minutes.
+    (out / "results.json").write_text(json.dumps(_clean(res), indent=1) + "\n")
+    try:
+        res["plots"] = make_plots(res, out)
+    except Exception as exc:  # noqa: BLE001 - a broken figure must not cost the tables
+        log.warning("plots failed: %s", exc, exc_info=True)
+        res["plots"] = []
     (out / "results.json").write_text(json.dumps(_clean(res), indent=1) + "\n")
     md = markdown(res, command, notes)
     (out / "results.md").write_text(md)

@@ -116,6 +116,7 @@ def run_point(spec: PointSpec, requests: list[BenchRequest], out_dir: Path, prog
             # the rest is ramp-up, prefill, and the drain where a batch runs part-empty or alone.
             full = m["trace_full_batch"]
             m["full_batch_time_frac"] = full["ticks"] * full["step_ms"] / 1e3 / wall if full.get("ticks") else 0.0
+            m["phase_frac"] = {k: v / wall for k, v in tracefile.phases(ticks, spec.batch).items()}
             runs.append(m)
             if i == 0:
                 per_request = [r.as_dict() for r in results]
@@ -141,6 +142,8 @@ def headline(point: dict) -> dict:
             "verify_compute_ms": t.get("verify_compute_ms", math.nan), "router_ms": t.get("router_overhead_ms", math.nan),
             "grpc_ms": t.get("grpc_overhead_ms", math.nan), "overhead_frac": t.get("overhead_frac", math.nan),
             "full_batch_frac": m.get("full_batch_time_frac", math.nan),
+            "prefill_frac": m.get("phase_frac", {}).get("prefill", math.nan),
+            "partial_frac": m.get("phase_frac", {}).get("partial", math.nan),
             "router_cpu_frac": m.get("cpu_frac", {}).get("router", math.nan),
             "client_cpu_frac": m.get("cpu_frac", {}).get("client", math.nan),
             "other_cpu_frac": m.get("cpu_frac", {}).get("other", math.nan),

@@ -15,7 +15,7 @@ from pathlib import Path
 from minedraft.bench import metrics, stages, workload
 from minedraft.bench.runs import PointSpec, headline, run_point
 
-SWEEPABLE = ("k", "batch")
+SWEEPABLE = ("k", "batch", "rate")  # rate: Poisson arrivals (req/s) at the main k and batch, for latency vs load
 
 
 @dataclass
@@ -57,13 +57,15 @@ def plan_sweeps(cfg: SuiteConfig) -> list[dict]:
     out = []
     for param, values in cfg.sweeps.items():
         for v in values:
-            k, b = (v, cfg.batch) if param == "k" else (cfg.k, v)
+            k = v if param == "k" else cfg.k
+            b = v if param == "batch" else cfg.batch
             out.append({"param": param, "value": v, "draft": cfg.drafts[0], "k": k, "batch": b,
-                        "n": _sweep_requests(cfg, b), "output_len": cfg.sweep_output_len})
+                        "n": _sweep_requests(cfg, b), "output_len": cfg.sweep_output_len,
+                        "rate": v if param == "rate" else None})
     if len(cfg.drafts) > 1:
         for d in cfg.drafts:
             out.append({"param": "draft", "value": Path(d).name, "draft": d, "k": cfg.k, "batch": cfg.batch,
-                        "n": _sweep_requests(cfg, cfg.batch), "output_len": cfg.sweep_output_len})
+                        "n": _sweep_requests(cfg, cfg.batch), "output_len": cfg.sweep_output_len, "rate": None})
     return out
 
 
@@ -84,8 +86,12 @@ def run_suite(cfg: SuiteConfig, log=print) -> dict:
     wl = workload.stats(main_requests)
     log(f"workload: {cfg.spec.describe()}: {wl}")
 
-    def requests_for(n: int, output_len: int | None) -> list[workload.BenchRequest]:
-        return [replace(r, output_len=min(r.output_len, output_len or r.output_len)) for r in all_requests[:n]]
+    def requests_for(n: int, output_len: int | None, rate: float | None = None) -> list[workload.BenchRequest]:
+        """The first n requests, outputs capped at output_len, and re-timed as Poisson arrivals at `rate` if given
+        (same seed, so sd and psd see the same arrival times)."""
+        arrivals = workload.poisson_arrivals(n, rate, cfg.spec.seed) if rate else [r.arrival_s for r in all_requests]
+        return [replace(r, output_len=min(r.output_len, output_len or r.output_len), arrival_s=arrivals[i])
+                for i, r in enumerate(all_requests[:n])]
 
     # Per-sequence contexts like the workload's mid-decode ones (prompt + half the output), unless one is given; a
     # sweep with shorter outputs gets its own, so each bound is timed at the contexts its runs decode at.
@@ -107,15 +113,20 @@ def run_suite(cfg: SuiteConfig, log=print) -> dict:
         return PointSpec(mode, cfg.target, draft, k=k, batch=batch, device=cfg.device,
                          concurrency=cfg.concurrency, warmup=cfg.warmup, runs=cfg.runs)
 
-    done: dict[tuple, dict] = {}  # (mode, draft, k, batch, n, output cap) -> point, so identical points run once
+    done: dict[tuple, dict] = {}  # (mode, draft, k, batch, n, output cap, rate) -> point: identical ones run once
 
-    def point(mode: str, draft: str, k: int, batch: int, n: int, output_len: int | None = None) -> dict:
-        key = (mode, draft, k, batch, n, output_len)
+    def point(mode: str, draft: str, k: int, batch: int, n: int, output_len: int | None = None,
+              rate: float | None = None) -> dict:
+        key = (mode, draft, k, batch, n, output_len, rate)
         if key not in done:
             log(f"running {mode} k={k} batch={batch} draft={Path(draft).name} on {n} requests"
-                f"{f' (outputs capped at {output_len})' if output_len else ''} ...")
-            done[key] = run_point(spec_for(mode, draft, k, batch), requests_for(n, output_len), cfg.out,
-                                  cfg.progress)
+                f"{f' (outputs capped at {output_len})' if output_len else ''}"
+                f"{f', Poisson {rate:g} req/s' if rate else ''} ...")
+            spec = spec_for(mode, draft, k, batch)
+            if (n, output_len, rate) != (cfg.spec.num_requests, None, None):  # own trace and log names
+                spec.label = (f"{spec.name}-n{n}" + (f"-out{output_len}" if output_len else "")
+                              + (f"-rate{rate:g}" if rate else ""))
+            done[key] = run_point(spec, requests_for(n, output_len, rate), cfg.out, cfg.progress)
             h = headline(done[key])
             log(f"  {h['tps']:.1f} tok/s, e2e mean {h['e2e_mean']:.0f} ms, acceptance {h['acceptance']:.2f}, "
                 f"failed {h['failed']}")
@@ -141,7 +152,8 @@ def run_suite(cfg: SuiteConfig, log=print) -> dict:
 
     sweep_rows = []
     for p in sweeps:
-        pts = {m: point(m, p["draft"], p["k"], p["batch"], p["n"], p["output_len"]) for m in cfg.sweep_modes}
+        pts = {m: point(m, p["draft"], p["k"], p["batch"], p["n"], p["output_len"], p["rate"])
+               for m in cfg.sweep_modes}
         st = stage_of[(p["draft"], p["k"], p["batch"], sweep_ctx)]
         sweep_rows.append({**p, "stage": st, "points": {m: headline(v) for m, v in pts.items()},
                            "names": {m: v["name"] for m, v in pts.items()},

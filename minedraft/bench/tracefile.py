@@ -131,6 +131,17 @@ def summarize(ticks: list[Tick], batch_filter: int | None = None) -> dict:
             "mean_verify_batch": sum(t.verify_batch for t in sel) / n}
 
 
+def phases(ticks: list[Tick], batch: int) -> dict:
+    """Seconds of ticks by what they did: `prefill` (a prompt written on either service), `full` (decode with a
+    full verified batch: the steady state the ideal bound describes) and `partial` (decode with a part-empty batch:
+    ramp-up and the drain, where an offline run's last requests finish). The same absolute prefill and drain time
+    dilutes psd's steady-state gain over sd, so this is where a run's psd/sd ratio falls short of its bound."""
+    out = {"prefill": 0.0, "full": 0.0, "partial": 0.0}
+    for t in ticks:
+        out["prefill" if t.prefills else "full" if t.verify_batch >= batch else "partial"] += t.dur
+    return out
+
+
 def _mean_compute(ticks: list[Tick], kind: str) -> float:
     vals = [c.compute_s for t in ticks for c in t.calls if c.kind == kind]
     return sum(vals) / len(vals) if vals else 0.0

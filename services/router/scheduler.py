@@ -7,7 +7,7 @@ drafter, then swap. A tick costs ~max(T_draft, T_verify) instead of their sum. M
   sd   one batch: draft, then verify;
   ar   one batch, target only (verify with zero drafts).
 New requests join the smaller batch (the one just verified on ties, since it drafts next) and are prefilled on the
-verifier in the same call that verifies S. The router holds every request's prompt and accepted tokens (Sequence);
+verifier in the same call that verifies S, while the drafter caches their prompts in the tick's draft call. The router holds every request's prompt and accepted tokens (Sequence);
 the services only hold caches that the router can rebuild (recovery.py: what happens when one goes away).
 """
 
