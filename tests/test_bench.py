@@ -87,6 +87,14 @@ def test_merge_runs_means_and_spread():
 
 
 # ---- workload -----------------------------------------------------------------------------------------------------
+def test_merge_runs_tolerates_missing_keys():
+    # One run of a point may have no full-batch tick at all (light online load), so its summary is shorter.
+    runs = [{"output_tps": 10.0, "trace_full_batch": {"ticks": 3, "step_ms": 5.0}},
+            {"output_tps": 20.0, "trace_full_batch": {"ticks": 0}}]
+    out = metrics.merge_runs(runs)
+    assert out["trace_full_batch"] == {"ticks": 1.5, "step_ms": 5.0} and out["output_tps"] == 15.0
+
+
 def test_poisson_arrivals_deterministic():
     a = workload.poisson_arrivals(500, rate=4.0, seed=7)
     assert a == workload.poisson_arrivals(500, rate=4.0, seed=7)

@@ -98,6 +98,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--out", default="bench-out", help="directory for results.json, results.md, plots, traces, logs")
     g.add_argument("--notes", default="", help="markdown file appended to results.md as 'Notes'")
     g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--resume", action="store_true", help="reuse the points a previous run with the same --out "
+                   "saved under OUT/points/ (each point is saved as it finishes)")
     b.set_defaults(fn=run)
     return b
 
@@ -129,7 +131,7 @@ def config_from_args(args):
                        sweep_waves=args.sweep_waves,
                        hf_requests=args.hf_requests, hf_threads=args.hf_threads,
                        stage_context=args.stage_context, stage_repeats=args.stage_repeats,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, resume=args.resume)
 
 
 def run(args) -> int:

@@ -78,8 +78,9 @@ def merge_runs(runs: list[dict]) -> dict:
         return {**runs[0], "runs": 1}
 
     def avg(vals):
-        if isinstance(vals[0], dict):
-            return {k: avg([v[k] for v in vals]) for k in vals[0]}
+        if isinstance(vals[0], dict):  # keys of every run: a run with no full-batch tick has a shorter summary
+            keys = dict.fromkeys(k for v in vals for k in v)
+            return {k: avg([v[k] for v in vals if k in v]) for k in keys}
         if isinstance(vals[0], (int, float)) and not isinstance(vals[0], bool):
             return mean([float(v) for v in vals])
         return vals[0]

@@ -8,6 +8,7 @@ needs them all in one results.json to compute ratios. Sweep points identical to 
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -40,6 +41,7 @@ class SuiteConfig:
     hf_threads: int = 1
     stage_context: int | None = None  # default: mean prompt + half the mean output
     stage_repeats: int = 15
+    resume: bool = False  # reuse points already saved under out/points/ (a long run that stopped half-way)
     progress: bool = True
 
 
@@ -126,7 +128,14 @@ def run_suite(cfg: SuiteConfig, log=print) -> dict:
             if (n, output_len, rate) != (cfg.spec.num_requests, None, None):  # own trace and log names
                 spec.label = (f"{spec.name}-n{n}" + (f"-out{output_len}" if output_len else "")
                               + (f"-rate{rate:g}" if rate else ""))
-            done[key] = run_point(spec, requests_for(n, output_len, rate), cfg.out, cfg.progress)
+            saved = cfg.out / "points" / f"{spec.name}.json"
+            if cfg.resume and saved.is_file():
+                log(f"  reusing {saved}")
+                done[key] = json.loads(saved.read_text())
+            else:
+                done[key] = run_point(spec, requests_for(n, output_len, rate), cfg.out, cfg.progress)
+                saved.parent.mkdir(parents=True, exist_ok=True)  # a checkpoint: the whole run takes tens of minutes
+                saved.write_text(json.dumps(done[key], default=str))
             h = headline(done[key])
             log(f"  {h['tps']:.1f} tok/s, e2e mean {h['e2e_mean']:.0f} ms, acceptance {h['acceptance']:.2f}, "
                 f"failed {h['failed']}")
