@@ -30,6 +30,13 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def timeline(traces: dict[str, tuple[str, int]], path: Path, n_ticks: int = 20, title: str = "") -> Path | None:
     """traces: mode -> (trace file, byte offsets where the measured window begins and ends)."""
     panels = []
@@ -62,10 +69,7 @@ def timeline(traces: dict[str, tuple[str, int]], path: Path, n_ticks: int = 20, 
     axes[-1, 0].set_xlabel("ms (light: call outstanding at the router; dark: service compute)")
     if title:
         fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def throughput_vs_batch(rows: list[dict], path: Path, ideal: dict[int, float] | None = None,
@@ -94,10 +98,7 @@ def throughput_vs_batch(rows: list[dict], path: Path, ideal: dict[int, float] | 
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title(title or "throughput vs batch size", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def ratio_vs_ideal(points: list[dict], path: Path) -> Path | None:
@@ -120,10 +121,7 @@ def ratio_vs_ideal(points: list[dict], path: Path) -> Path | None:
     ax.set_ylim(min(0.5, min(p["psd_over_sd"] for p in pts) * 0.95), hi)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def latency_vs_rate(rates: list[tuple[float, dict]], path: Path) -> Path | None:
@@ -145,7 +143,4 @@ def latency_vs_rate(rates: list[tuple[float, dict]], path: Path) -> Path | None:
     ax.set_title("latency vs load, same arrival times for both modes", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
