@@ -114,9 +114,8 @@ def run_point(spec: PointSpec, requests: list[BenchRequest], out_dir: Path, prog
             m["trace_offset"], m["trace_end"] = offset, end
             # Share of the run spent in ticks that verify a full batch (the steady state the ideal bound describes);
             # the rest is ramp-up, prefill, and the drain where a batch runs part-empty or alone.
-            full = m["trace_full_batch"]
-            m["full_batch_time_frac"] = full["ticks"] * full["step_ms"] / 1e3 / wall if full.get("ticks") else 0.0
             m["phase_frac"] = {k: v / wall for k, v in tracefile.phases(ticks, spec.batch).items()}
+            m["full_batch_time_frac"] = m["phase_frac"]["full"]
             runs.append(m)
             if i == 0:
                 per_request = [r.as_dict() for r in results]

@@ -7,8 +7,9 @@ drafter, then swap. A tick costs ~max(T_draft, T_verify) instead of their sum. M
   sd   one batch: draft, then verify;
   ar   one batch, target only (verify with zero drafts).
 New requests join the smaller batch (the one just verified on ties, since it drafts next) and are prefilled on the
-verifier in the same call that verifies S, while the drafter caches their prompts in the tick's draft call. The router holds every request's prompt and accepted tokens (Sequence);
-the services only hold caches that the router can rebuild (recovery.py: what happens when one goes away).
+verifier in the same call that verifies S, while the drafter caches their prompts in the tick's draft call. The
+router holds every request's prompt and accepted tokens (Sequence); the services only hold caches that the router can
+rebuild (recovery.py: what happens when one goes away).
 """
 
 from __future__ import annotations
@@ -257,14 +258,12 @@ class Engine(Recovery):
         batch.release.buffers.extend(self.release_buffers)
         self.release_d, self.release_buffers = [], []
         prefills = 0  # sequences the drafter starts from position 0 (new, or after a fault): for the trace
-        cached_upto = []
-        for r in [*reqs, *cache_only]:
+        for r, k in [(r, r.seq.draft_len(self.k)) for r in reqs] + [(r, 0) for r in cache_only]:
             start, tokens = r.seq.draft_input()
             prefills += start == 0
-            k = r.seq.draft_len(self.k) if r.phase == DRAFT else 0
             batch.seqs.add(seq_id=r.seq_id, start=start, tokens=tokens, k=k, sampling=r.sampling)
-            cached_upto.append(start + len(tokens))
-        cached_upto = cached_upto[len(reqs):]
+        # What the cache-only sequences will hold, fixed now: the concurrent verify may commit a token meanwhile.
+        cached_upto = [len(r.seq.tokens) for r in cache_only]
         start_t = time.perf_counter()
         resp = await self.drafter.step(pb.DrafterRequest(propose=batch))
         end_t = time.perf_counter()
@@ -276,7 +275,7 @@ class Engine(Recovery):
             r.probs_ref, r.probs_buffer = (ref, name) if d.probs_row >= 0 else (None, "")
             r.phase = VERIFY
         for r, upto in zip(cache_only, cached_upto):
-            r.seq.draft_cached = upto  # not len(tokens): the concurrent verify may have committed more since
+            r.seq.draft_cached = upto
         if reqs or cache_only:
             self.trace.step("draft", self.drafter.address, self.ticks, start_t - t0, end_t - t0,
                             len(reqs) + len(cache_only), out.compute_ms, prefills)
