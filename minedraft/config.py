@@ -29,6 +29,8 @@ class ModelServiceConfig:
     dtype: str = "auto"  # auto (float32 on CPU, the checkpoint half type on GPU), float32, float16 or bfloat16
     kv_cache_tokens: int = 65536  # KV cache capacity in tokens, across all sequences
     block_size: int = 16  # KV cache block (page) size in tokens
+    attention: str = "auto"  # auto (Triton paged kernel on CUDA, SDPA elsewhere), sdpa or triton
+    cuda_graphs: bool = True  # on CUDA: replay captured graphs for decode / draft / verify steps
     cpu_core: int = -1  # pin the process and its torch threads to this core; -1 = the role's default, -2 = none
     threads: int = 1  # torch intra-op threads
     max_message_mb: int = 64  # gRPC message size limit

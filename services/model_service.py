@@ -78,7 +78,7 @@ class ModelService:
         cfg = self.cfg
         sweep_orphans()
         self.model = load_model(cfg.model, cfg.device, cfg.dtype)
-        self.runner = ModelRunner(self.model, cfg.kv_cache_tokens, cfg.block_size)
+        self.runner = ModelRunner(self.model, cfg.kv_cache_tokens, cfg.block_size, cfg.attention, cfg.cuda_graphs)
         self.tokenizer_digest = vocab_digest(load_tokenizer(cfg.model))
         self.warm_up()
         self.ready = True

@@ -3,6 +3,10 @@
 Position-indexed, as in gpt-fast: rolling a sequence back after rejected drafts is a rewind of its length (freeing
 whole blocks past it); the stale k/v left in a kept block are overwritten by the next write and masked until then.
 Capacity is bounded up front so admission can ask `can_fit` instead of discovering OOM mid-step.
+
+One extra block past the pool is never handed out: the scratch block. Rows that exist only to give a step a static
+shape (padding in a CUDA-graph bucket, sequences already done in an on-device draft loop) write their k/v there, so
+they can never touch a live sequence's cache.
 """
 
 from __future__ import annotations
@@ -27,8 +31,11 @@ class PagedKVCache:
                  dtype: torch.dtype, device: torch.device):
         self.block_size = block_size
         self.num_blocks = num_blocks
-        # One tensor for the whole pool: [layers, k/v, slots, heads, dim]. Slot = block * block_size + offset.
-        self.kv = torch.zeros(num_layers, 2, num_blocks * block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
+        # One tensor for the whole pool plus the scratch block: [layers, k/v, slots, heads, dim].
+        # Slot = block * block_size + offset.
+        self.kv = torch.zeros(num_layers, 2, (num_blocks + 1) * block_size, num_kv_heads, head_dim, dtype=dtype,
+                              device=device)
+        self.scratch_slot = num_blocks * block_size
         self._free = list(range(num_blocks - 1, -1, -1))  # a stack: recently freed blocks are reused first
         self.seqs: dict[str, SequenceSlots] = {}
 

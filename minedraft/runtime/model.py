@@ -100,14 +100,31 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
+def fuse_projections(arch: ModelArch, w: dict[str, torch.Tensor]) -> None:
+    """Concatenate q/k/v (and their biases) into one `qkv_proj` and gate/up into one `gate_up_proj` per layer, in
+    place: one GEMM instead of three (two), i.e. fewer launches and one read of the activations. Only where it pays
+    and numerics allow: on the CPU the reference oracle is transformers' separate projections, bit for bit."""
+    for i in range(arch.num_layers):
+        p = f"model.layers.{i}."
+        for fused, parts in (("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                             ("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj"))):
+            for suffix in (".weight", ".bias"):
+                if p + parts[0] + suffix in w:
+                    w[p + fused + suffix] = torch.cat([w.pop(p + part + suffix) for part in parts])
+
+
 class CausalLM:
     """Weights plus a forward over packed tokens. Holds no per-sequence state: the KV cache is passed in."""
 
-    def __init__(self, arch: ModelArch, weights: dict[str, torch.Tensor], inv_freq: torch.Tensor, rope_scale: float):
+    def __init__(self, arch: ModelArch, weights: dict[str, torch.Tensor], inv_freq: torch.Tensor, rope_scale: float,
+                 fuse: bool | None = None):
         self.arch = arch
         self.w = weights
         self.device = weights["model.embed_tokens.weight"].device
         self.dtype = weights["model.embed_tokens.weight"].dtype
+        self.fused = self.device.type == "cuda" if fuse is None else fuse
+        if self.fused:
+            fuse_projections(arch, weights)
         self.lm_head = weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
         positions = torch.arange(arch.max_position, dtype=torch.float32)
         freqs = torch.outer(positions, inv_freq)
@@ -117,6 +134,16 @@ class CausalLM:
 
     def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return F.linear(x, self.w[name + ".weight"], self.w.get(name + ".bias"))
+
+    def _qkv(self, x: torch.Tensor, p: str):
+        a = self.arch
+        if self.fused:
+            nq, nkv = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+            q, k, v = self._linear(x, p + "self_attn.qkv_proj").split([nq, nkv, nkv], dim=-1)
+        else:
+            q, k, v = (self._linear(x, p + "self_attn." + n) for n in ("q_proj", "k_proj", "v_proj"))
+        return (q.reshape(-1, a.num_heads, a.head_dim), k.reshape(-1, a.num_kv_heads, a.head_dim),
+                v.reshape(-1, a.num_kv_heads, a.head_dim))
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, batch: AttentionBatch, kv: torch.Tensor,
@@ -130,9 +157,7 @@ class CausalLM:
         for i in range(a.num_layers):
             p = f"model.layers.{i}."
             x = rms_norm(h, self.w[p + "input_layernorm.weight"], a.rms_norm_eps)
-            q = self._linear(x, p + "self_attn.q_proj").view(-1, a.num_heads, a.head_dim)
-            k = self._linear(x, p + "self_attn.k_proj").view(-1, a.num_kv_heads, a.head_dim)
-            v = self._linear(x, p + "self_attn.v_proj").view(-1, a.num_kv_heads, a.head_dim)
+            q, k, v = self._qkv(x, p)
             if a.qk_norm:
                 q = rms_norm(q, self.w[p + "self_attn.q_norm.weight"], a.rms_norm_eps)
                 k = rms_norm(k, self.w[p + "self_attn.k_norm.weight"], a.rms_norm_eps)
@@ -142,8 +167,10 @@ class CausalLM:
             o = paged_attention(q, kv[i, 0], kv[i, 1], batch)
             h = h + self._linear(o.reshape(-1, a.num_heads * a.head_dim), p + "self_attn.o_proj")
             x = rms_norm(h, self.w[p + "post_attention_layernorm.weight"], a.rms_norm_eps)
-            gate = self._linear(x, p + "mlp.gate_proj")
-            up = self._linear(x, p + "mlp.up_proj")
+            if self.fused:
+                gate, up = self._linear(x, p + "mlp.gate_up_proj").chunk(2, dim=-1)
+            else:
+                gate, up = self._linear(x, p + "mlp.gate_proj"), self._linear(x, p + "mlp.up_proj")
             h = h + self._linear(F.silu(gate) * up, p + "mlp.down_proj")
         if logit_rows is not None:
             h = h[logit_rows]

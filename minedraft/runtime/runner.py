@@ -4,15 +4,22 @@ Both model services use it the same way: the verifier extends each sequence by i
 drafts and reads logits at every appended position; the drafter extends by one token (two after a fully accepted
 draft, the catch-up) and reads the last. A write that starts before a sequence's cached length is a rollback:
 positions from `start` on are simply overwritten.
+
+A step costs the host one pass over the items (metadata into one pinned buffer, see attention.py), one copy to the
+device and, for the caller, one copy back (`StepOutput.argmax`, or whatever the caller computes from the logits).
+On a GPU with `cuda_graphs`, steps where every sequence appends a few tokens replay a captured graph
+(cuda_graphs.py); `greedy_continue` runs a whole greedy draft loop on the device, feeding each argmax back without
+a round trip to the host.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from minedraft.runtime.attention import AttentionBatch
+from minedraft.runtime.attention import AttentionBatch, HostPack, plan_packed, resolve_backend
 from minedraft.runtime.kv_cache import CacheFull, PagedKVCache
 from minedraft.runtime.model import CausalLM
 
@@ -25,12 +32,33 @@ class Extend:
     all_logits: bool = False  # logits for every new token (verify) or just the last (draft, prefill)
 
 
+@dataclass
+class StepOutput:
+    """Device tensors of one forward; valid until the runner's next step (graph outputs are reused)."""
+
+    logits: torch.Tensor  # [rows, V] fp32
+    argmax: torch.Tensor  # [rows] greedy token of each row
+    spans: list[tuple[int, int]]  # per item: its rows [lo, hi) in logits / argmax
+
+    def item_logits(self) -> list[torch.Tensor]:
+        return [self.logits[lo:hi] for lo, hi in self.spans]
+
+
 class ModelRunner:
-    def __init__(self, model: CausalLM, max_cached_tokens: int, block_size: int = 16):
+    def __init__(self, model: CausalLM, max_cached_tokens: int, block_size: int = 16, attention: str = "auto",
+                 cuda_graphs: bool = False):
         a = model.arch
         self.model = model
         self.cache = PagedKVCache(a.num_layers, a.num_kv_heads, a.head_dim, -(-max_cached_tokens // block_size),
                                   block_size, model.dtype, model.device)
+        self.attention = resolve_backend(attention, model.device)
+        self.graphs = None
+        if cuda_graphs and model.device.type == "cuda":
+            if self.attention != "triton":
+                raise ValueError("CUDA graphs need the Triton attention backend (SDPA pads to a varying length)")
+            from minedraft.runtime.cuda_graphs import GraphedForward
+
+            self.graphs = GraphedForward(model, self.cache)
 
     @property
     def arch(self):
@@ -39,11 +67,13 @@ class ModelRunner:
     def length(self, seq_id: str) -> int:
         return self.cache.length(seq_id)
 
-    def validate(self, items: list[Extend]) -> None:
-        """Raise ValueError (a caller's mistake) or CacheFull (no room now) before touching any state."""
+    def validate(self, items: list[Extend], extra: list[int] | None = None) -> None:
+        """Raise ValueError (a caller's mistake) or CacheFull (no room now) before touching any state. `extra[i]`:
+        positions item i will take beyond its tokens (an on-device draft loop)."""
         seen = set()
         a = self.arch
-        for it in items:
+        extra = extra or [0] * len(items)
+        for it, more in zip(items, extra):
             if it.seq_id in seen:
                 raise ValueError(f"sequence {it.seq_id!r} appears twice in one step")
             seen.add(it.seq_id)
@@ -52,39 +82,103 @@ class ModelRunner:
             cached = self.cache.length(it.seq_id)
             if not 0 <= it.start <= cached:
                 raise ValueError(f"sequence {it.seq_id!r}: start {it.start} outside its cached length {cached}")
-            end = it.start + len(it.tokens)
+            end = it.start + len(it.tokens) + more
             if end > a.max_position:
                 raise ValueError(f"sequence {it.seq_id!r}: length {end} exceeds the model context {a.max_position}")
             if min(it.tokens) < 0 or max(it.tokens) >= a.vocab_size:
                 raise ValueError(f"sequence {it.seq_id!r}: token id outside vocabulary [0, {a.vocab_size})")
-        if not self.cache.can_fit({it.seq_id: it.start + len(it.tokens) for it in items}):
+        if not self.cache.can_fit({it.seq_id: it.start + len(it.tokens) + m for it, m in zip(items, extra)}):
             raise CacheFull(f"KV cache full ({self.cache.free_blocks} of {self.cache.num_blocks} blocks free)")
+
+    # ---- one forward -----------------------------------------------------------------------------------------------
+    def forward(self, items: list[Extend]) -> StepOutput:
+        """Append every item's tokens in one forward; logits and argmax stay on the device."""
+        self.validate(items)
+        tables = [self.cache.resize(it.seq_id, it.start + len(it.tokens)) for it in items]
+        starts = [it.start for it in items]
+        lengths = [len(it.tokens) for it in items]
+        if self.graphs is not None and self.graphs.fits(lengths):
+            out = self.graphs.run(starts, lengths, tables, [it.tokens for it in items])
+            q = out.q
+            spans = [(b * q, b * q + n) if it.all_logits else (b * q + n - 1, b * q + n)
+                     for b, (it, n) in enumerate(zip(items, lengths))]
+            return StepOutput(out.logits, out.argmax, spans)
+        rows, spans, end = [], [], 0
+        for it, n in zip(items, lengths):
+            take = range(end, end + n) if it.all_logits else range(end + n - 1, end + n)
+            spans.append((len(rows), len(rows) + len(take)))
+            rows.extend(take)
+            end += n
+        pack = HostPack()
+        pack.add("tokens", [t for it in items for t in it.tokens])
+        pack.add("logit_rows", rows)
+        plan = plan_packed(pack, starts, lengths, tables, self.cache.block_size, self.attention)
+        t = pack.to(self.model.device)
+        batch = AttentionBatch.from_pack(t, plan, self.cache.block_size, self.arch.sliding_window, self.attention)
+        logit_rows = None if len(rows) == end else t["logit_rows"]
+        logits = self.model.forward(t["tokens"], batch, self.cache.kv, logit_rows)
+        return StepOutput(logits, logits.argmax(dim=-1), spans)
 
     def step(self, items: list[Extend]) -> list[torch.Tensor]:
         """Append every item's tokens in one forward. Returns, per item, logits [len(tokens) or 1, vocab]."""
         if not items:
             return []
-        self.validate(items)
-        tables = [self.cache.resize(it.seq_id, it.start + len(it.tokens)) for it in items]
-        device = self.model.device
-        batch = AttentionBatch.build([it.start for it in items], [len(it.tokens) for it in items], tables,
-                                     self.cache.block_size, self.arch.sliding_window, device)
-        flat = torch.tensor([t for it in items for t in it.tokens], dtype=torch.long, device=device)
-        rows, spans, end = [], [], 0
-        for it in items:
-            n = len(it.tokens)
-            take = range(end, end + n) if it.all_logits else range(end + n - 1, end + n)
-            spans.append((len(rows), len(rows) + len(take)))
-            rows.extend(take)
-            end += n
-        logits = self.model.forward(flat, batch, self.cache.kv, torch.tensor(rows, device=device))
-        return [logits[a:b] for a, b in spans]
+        return self.forward(items).item_logits()
 
-    def truncate(self, seq_id: str, length: int) -> None:
-        if length > self.cache.length(seq_id):
-            raise ValueError(f"cannot truncate {seq_id!r} to {length}: only {self.cache.length(seq_id)} cached")
-        self.cache.resize(seq_id, length)
+    # ---- greedy continuation on the device -------------------------------------------------------------------------
+    def greedy_continue(self, items: list[Extend], steps: list[int]) -> list[list[int]]:
+        """Append each item's tokens, then generate steps[i] greedy tokens for it, feeding each argmax back on the
+        device; one copy to the host at the end. The last generated token is not fed (its k/v is not cached), exactly
+        as a loop of `step` calls would leave it. steps[i] == 0 only caches the item's tokens."""
+        if not items:
+            return []
+        extra = [max(s - 1, 0) for s in steps]
+        self.validate(items, extra)
+        first = self.forward(items)  # resizes to start + len(tokens); validated the rest above
+        if max(steps) <= 1:
+            toks = first.argmax[[hi - 1 for _, hi in first.spans]].tolist() if max(steps) == 1 else []
+            return [[toks[i]] if s else [] for i, s in enumerate(steps)]
+        base = [it.start + len(it.tokens) for it in items]
+        tables = [self.cache.resize(it.seq_id, b + e) for it, b, e in zip(items, base, extra)]
+        pack = HostPack()
+        pack.add("last_rows", [hi - 1 for _, hi in first.spans])
+        nxt = first.argmax[pack.to(self.model.device)["last_rows"]]  # [B] draft 1 of every item
+        outputs = [nxt]
+        if self.graphs is not None and self.graphs.fits([1] * len(items)):
+            for d in range(1, max(steps)):
+                active = [s > d for s in steps]
+                # A finished sequence keeps its slot but writes to scratch; any cached position will do as its own.
+                pos = [b + d - 1 if a else b - 1 for b, a in zip(base, active)]
+                nxt = self.graphs.decode_fed(nxt, pos, active, tables)
+                outputs.append(nxt)
+            drafted = torch.stack(outputs).tolist()  # [steps, B]
+            return [[drafted[d][i] for d in range(s)] for i, s in enumerate(steps)]
+        # Eager: sequences that have all their drafts drop out of later forwards.
+        alive = list(range(len(items)))
+        owners = [alive]
+        for d in range(1, max(steps)):
+            now = [i for i in alive if steps[i] > d]
+            pack = HostPack()
+            pack.add("feed", [alive.index(i) for i in now])
+            plan = plan_packed(pack, [base[i] + d - 1 for i in now], [1] * len(now), [tables[i] for i in now],
+                               self.cache.block_size, self.attention)
+            t = pack.to(self.model.device)
+            batch = AttentionBatch.from_pack(t, plan, self.cache.block_size, self.arch.sliding_window, self.attention)
+            nxt = self.model.forward(nxt[t["feed"]], batch, self.cache.kv).argmax(dim=-1)
+            outputs.append(nxt)
+            owners.append(now)
+            alive = now
+        flat = torch.cat(outputs).tolist()
+        drafted: list[list[int]] = [[] for _ in items]
+        at = 0
+        for now in owners:
+            for i in now:
+                if steps[i] > len(drafted[i]):
+                    drafted[i].append(flat[at])
+                at += 1
+        return drafted
 
+    # ---- lifetime --------------------------------------------------------------------------------------------------
     def release(self, seq_id: str) -> bool:
         return self.cache.free(seq_id)
 
@@ -95,4 +189,4 @@ class ModelRunner:
         return len(ids)
 
 
-__all__ = ["CacheFull", "Extend", "ModelRunner"]
+__all__ = ["CacheFull", "Extend", "ModelRunner", "StepOutput"]

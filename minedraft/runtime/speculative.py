@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from minedraft.runtime.attention import HostPack
 from minedraft.runtime.runner import Extend, ModelRunner
 from minedraft.runtime.sampling import SamplingParams, VerifyResult, logits_to_probs, sample, verify
 
@@ -30,13 +31,21 @@ class Draft:
 
 
 def propose(runner: ModelRunner, reqs: list[DraftRequest]) -> list[Draft]:
-    """k autoregressive draft steps for a whole batch; sequences wanting fewer drafts drop out early."""
-    drafts = [Draft([], [] if not r.params.greedy else None) for r in reqs]
+    """k autoregressive draft steps for a whole batch; sequences wanting fewer drafts drop out early.
+
+    All-greedy batches run the whole loop on the device (`greedy_continue`: argmax fed back, one copy to the host);
+    a batch with a sampled request drafts step by step, since each step's sample draws from a host generator."""
     items = [Extend(r.seq_id, r.start, r.tokens) for r in reqs]
+    if not reqs:
+        return []
+    if all(r.params.greedy or r.k == 0 for r in reqs):
+        return [Draft(toks, None) for toks in runner.greedy_continue(items, [r.k for r in reqs])]
+    drafts = [Draft([], [] if not r.params.greedy else None) for r in reqs]
     active = list(range(len(reqs)))
     depth = 0
     while items:
-        logits = torch.cat(runner.step(items))
+        out = runner.forward(items)
+        logits = out.logits[[hi - 1 for _, hi in out.spans]] if len(out.spans) != len(out.logits) else out.logits
         rows = [i for i in active if reqs[i].k > depth]
         if not rows:
             break
@@ -72,22 +81,36 @@ class VerifyRequest:
 
 def verify_batch(runner: ModelRunner, reqs: list[VerifyRequest]) -> VerifyResult:
     """One target forward over every sequence's tail + drafts, then acceptance per sequence. A request with no
-    drafts is a prefill (or plain autoregressive step): it yields one token sampled from the target."""
-    logits = runner.step([Extend(r.seq_id, r.start, r.tokens + r.drafts, all_logits=bool(r.drafts)) for r in reqs])
+    drafts is a prefill (or plain autoregressive step): it yields one token sampled from the target.
+
+    All-greedy batches read only the argmax of each row: one copy of [rows] token ids to the host, acceptance
+    (longest matching prefix, then the target's own token) in plain Python."""
+    out = runner.forward([Extend(r.seq_id, r.start, r.tokens + r.drafts, all_logits=bool(r.drafts)) for r in reqs])
+    if all(r.params.greedy for r in reqs):
+        best = out.argmax.tolist()
+        accepted, tokens = [], []
+        for r, (lo, _) in zip(reqs, out.spans):
+            n = 0
+            while n < len(r.drafts) and r.drafts[n] == best[lo + n]:
+                n += 1
+            accepted.append(n)
+            tokens.append(r.drafts[:n] + [best[lo + n]])
+        return VerifyResult(torch.tensor(accepted, dtype=torch.long), tokens)
     B, K = len(reqs), max(len(r.drafts) for r in reqs)
-    V = logits[0].shape[-1]
-    device = logits[0].device
-    target = torch.zeros(B, K + 1, V, device=device)
-    draft_tokens = torch.zeros(B, K, dtype=torch.long, device=device)
-    # Sampled rows need a q even with no drafts (prefill): a [B, 0, V] placeholder, never read.
-    sampled = any(not r.params.greedy for r in reqs)
-    draft_probs = torch.zeros(B, K, V, device=device) if sampled else None
-    for b, (r, lg) in enumerate(zip(reqs, logits)):
-        n = len(r.drafts)
-        target[b, : n + 1] = lg[-(n + 1):]
-        if n:
-            draft_tokens[b, :n] = torch.tensor(r.drafts, device=device)
-            if draft_probs is not None and r.draft_probs is not None:
-                draft_probs[b, :n] = r.draft_probs
-    lens = torch.tensor([len(r.drafts) for r in reqs], dtype=torch.long, device=device)
-    return verify(draft_tokens, lens, target, draft_probs, [r.params for r in reqs], [r.generator for r in reqs])
+    device = out.logits.device
+    # Row index of every (sequence, draft position + 1): a sequence's last n+1 logits; padding repeats its last row.
+    index = [[min(lo + j, hi - 1) for j in range(K + 1)] for lo, hi in out.spans]
+    pack = HostPack()
+    pack.add("index", index)
+    pack.add("drafts", [r.drafts + [0] * (K - len(r.drafts)) for r in reqs])
+    pack.add("lens", [len(r.drafts) for r in reqs])
+    t = pack.to(device)
+    target = out.logits[t["index"]]  # [B, K+1, V]
+    draft_probs = None
+    if any(not r.params.greedy for r in reqs):  # sampled rows need a q even with no drafts: zeros, never read
+        draft_probs = torch.zeros(B, K, target.shape[-1], device=device)
+        for b, r in enumerate(reqs):
+            if r.drafts and r.draft_probs is not None:
+                draft_probs[b, : len(r.drafts)] = r.draft_probs
+    return verify(t["drafts"].long(), t["lens"].long(), target, draft_probs, [r.params for r in reqs],
+                  [r.generator for r in reqs])
