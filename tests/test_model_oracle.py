@@ -85,3 +85,23 @@ def test_self_draft_accepts_everything_and_catches_up(family):
     sd = generate(target, make_sequences(prompts, SamplingParams(), 21, 256, ignore_eos=True), draft=draft, k=4)
     assert [s.output for s in sd] == expected
     assert all(s.accepted == s.drafted > 0 for s in sd)
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_verify_reads_the_rows_after_a_reprefill(family, sampled):
+    """A verifier that lost a sequence (restart) re-prefills it with its drafts in one step: acceptance must read the
+    rows that predict the drafts (the last n+1), not the first rows of the step."""
+    from minedraft.runtime.speculative import VerifyRequest, verify_batch
+
+    _, _, path = family
+    model = load_model(path)
+    prompt, drafts = prompts_of([30])[0], prompts_of([4], seed=5)[0]
+    params = SamplingParams(temperature=0.9, seed=7) if sampled else SamplingParams()
+    q = torch.full((4, VOCAB), 1.0 / VOCAB) if sampled else None
+    warm = ModelRunner(model, 4096, block_size=8)
+    first = verify_batch(warm, [VerifyRequest("s", 0, prompt, [], None, params, params.make_generator())]).tokens[0]
+    cached = verify_batch(warm, [VerifyRequest("s", len(prompt), first, drafts, q, params,
+                                               params.make_generator())])
+    cold = ModelRunner(model, 4096, block_size=8)
+    again = verify_batch(cold, [VerifyRequest("s", 0, prompt + first, drafts, q, params, params.make_generator())])
+    assert again.tokens == cached.tokens and again.num_accepted.tolist() == cached.num_accepted.tolist()

@@ -73,7 +73,8 @@ class _Graph:
                 forward()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        # thread_local: a probe or an IPC import on another thread must not be mistaken for part of this capture.
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
             self.logits, self.argmax = forward()
 
     def fill(self, starts, lengths, tables, tokens) -> np.ndarray:

@@ -89,7 +89,8 @@ def verify_batch(runner: ModelRunner, reqs: list[VerifyRequest]) -> VerifyResult
     if all(r.params.greedy for r in reqs):
         best = out.argmax.tolist()
         accepted, tokens = [], []
-        for r, (lo, _) in zip(reqs, out.spans):
+        for r, (_, hi) in zip(reqs, out.spans):
+            lo = hi - len(r.drafts) - 1  # the row that predicts the first draft (a re-prefill has more rows)
             n = 0
             while n < len(r.drafts) and r.drafts[n] == best[lo + n]:
                 n += 1
@@ -99,7 +100,7 @@ def verify_batch(runner: ModelRunner, reqs: list[VerifyRequest]) -> VerifyResult
     B, K = len(reqs), max(len(r.drafts) for r in reqs)
     device = out.logits.device
     # Row index of every (sequence, draft position + 1): a sequence's last n+1 logits; padding repeats its last row.
-    index = [[min(lo + j, hi - 1) for j in range(K + 1)] for lo, hi in out.spans]
+    index = [[min(hi - len(r.drafts) - 1 + j, hi - 1) for j in range(K + 1)] for r, (_, hi) in zip(reqs, out.spans)]
     pack = HostPack()
     pack.add("index", index)
     pack.add("drafts", [r.drafts + [0] * (K - len(r.drafts)) for r in reqs])
