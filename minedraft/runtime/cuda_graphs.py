@@ -46,7 +46,7 @@ class GraphOutput:
 class _Graph:
     """One captured forward for B sequence slots of q rows each, block tables W wide."""
 
-    def __init__(self, model: CausalLM, cache: PagedKVCache, B: int, q: int, W: int, pool):
+    def __init__(self, model: CausalLM, cache: PagedKVCache, B: int, q: int, W: int, pool, capture: bool = True):
         self.B, self.q, self.W = B, q, W
         n = B * q
         self.scratch = cache.scratch_slot
@@ -60,12 +60,16 @@ class _Graph:
         self.tokens, positions, slots, seq_lens, q_starts, q_lens, tables = views
         batch = AttentionBatch(positions, slots, tables.view(B, W), seq_lens, q_starts, q_lens, q, cache.block_size,
                                model.arch.sliding_window, "triton")
-        self.meta.copy_(torch.from_numpy(self.fill([], [], [], [])))  # no real rows: every write hits scratch
+        self.load(self.fill([], [], [], []))  # no real rows: every write hits scratch
 
         def forward():
             logits = model.forward(self.tokens, batch, cache.kv)
             return logits, logits.argmax(dim=-1)
 
+        self.graph = None
+        if not capture:  # the padded layout run eagerly: lets a CPU test check it (Triton interpreter)
+            self._eager = forward
+            return
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up: compiles the Triton kernels and settles the allocator
@@ -103,19 +107,28 @@ class _Graph:
             q_lens[: len(starts)] = n_new
         return out
 
-    def replay(self, host: np.ndarray) -> None:
-        self.meta.copy_(torch.from_numpy(host).pin_memory(), non_blocking=True)
-        self.graph.replay()
+    def load(self, host: np.ndarray) -> None:
+        src = torch.from_numpy(host)
+        if self.meta.is_cuda:
+            src = src.pin_memory()
+        self.meta.copy_(src, non_blocking=True)
+
+    def replay(self) -> None:
+        if self.graph is None:
+            self.logits, self.argmax = self._eager()
+        else:
+            self.graph.replay()
 
 
 class GraphedForward:
     """Captures and replays `_Graph`s for a model and its cache."""
 
-    def __init__(self, model: CausalLM, cache: PagedKVCache):
+    def __init__(self, model: CausalLM, cache: PagedKVCache, capture: bool = True):
         self.model = model
         self.cache = cache
+        self.capture = capture
         self.graphs: dict[tuple[int, int, int], _Graph] = {}
-        self.pool = torch.cuda.graph_pool_handle()
+        self.pool = torch.cuda.graph_pool_handle() if capture else None
 
     def fits(self, lengths: list[int]) -> bool:
         return 0 < len(lengths) <= BATCH_BUCKETS[-1] and max(lengths) <= MAX_QUERY
@@ -127,14 +140,15 @@ class GraphedForward:
         g = self.graphs.get(key)
         if g is None:
             t = time.perf_counter()
-            g = self.graphs[key] = _Graph(self.model, self.cache, B, q, W, self.pool)
+            g = self.graphs[key] = _Graph(self.model, self.cache, B, q, W, self.pool, self.capture)
             log.info("captured CUDA graph batch=%d q=%d width=%d blocks in %.0f ms (%d graphs)", B, q, W,
                      (time.perf_counter() - t) * 1e3, len(self.graphs))
         return g
 
     def run(self, starts: list[int], lengths: list[int], tables: list[list[int]], tokens: list[list[int]]) -> GraphOutput:
         g = self._graph(len(starts), max(lengths), max(len(t) for t in tables))
-        g.replay(g.fill(starts, lengths, tables, tokens))
+        g.load(g.fill(starts, lengths, tables, tokens))
+        g.replay()
         return GraphOutput(g.q, g.logits, g.argmax)
 
     def decode_fed(self, tokens: torch.Tensor, starts: list[int], active: list[bool],
@@ -150,7 +164,7 @@ class GraphedForward:
         idle = np.flatnonzero(~np.asarray(active))
         q_lens[idle] = 0
         slots[idle] = g.scratch
-        g.meta.copy_(torch.from_numpy(host).pin_memory(), non_blocking=True)
+        g.load(host)
         g.tokens[:n].copy_(tokens)
-        g.graph.replay()
+        g.replay()
         return g.argmax[:n].clone()
