@@ -145,6 +145,15 @@ class GraphedForward:
                      (time.perf_counter() - t) * 1e3, len(self.graphs))
         return g
 
+    def capture(self, batch_sizes: list[int], queries: list[int], max_len: int) -> int:
+        """Capture ahead of time (a service's or a benchmark's warm-up) instead of on first use. Returns how many
+        graphs exist."""
+        for b in batch_sizes:
+            for q in queries:
+                if self.fits([q] * b):
+                    self._graph(b, q, -(-max_len // self.cache.block_size))
+        return len(self.graphs)
+
     def run(self, starts: list[int], lengths: list[int], tables: list[list[int]], tokens: list[list[int]]) -> GraphOutput:
         g = self._graph(len(starts), max(lengths), max(len(t) for t in tables))
         g.load(g.fill(starts, lengths, tables, tokens))

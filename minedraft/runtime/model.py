@@ -113,6 +113,15 @@ def fuse_projections(arch: ModelArch, w: dict[str, torch.Tensor]) -> None:
                     w[p + fused + suffix] = torch.cat([w.pop(p + part + suffix) for part in parts])
 
 
+def _fusable(arch: ModelArch) -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    d = arch.head_dim
+    return d >= 32 and d & (d - 1) == 0
+
+
 class CausalLM:
     """Weights plus a forward over packed tokens. Holds no per-sequence state: the KV cache is passed in."""
 
@@ -125,6 +134,8 @@ class CausalLM:
         self.fused = self.device.type == "cuda" if fuse is None else fuse
         if self.fused:
             fuse_projections(arch, weights)
+        # Fused Triton kernels for norms / RoPE / SiLU*mul (triton_fused.py): on CUDA when the head layout allows.
+        self.fused_kernels = self.fused and self.device.type == "cuda" and _fusable(arch)
         self.lm_head = weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
         positions = torch.arange(arch.max_position, dtype=torch.float32)
         freqs = torch.outer(positions, inv_freq)
@@ -151,6 +162,36 @@ class CausalLM:
         """tokens: [T] packed new tokens of all sequences; batch describes where they sit; kv: [layers, 2, slots, Hkv, D].
         Returns logits for the packed rows in `logit_rows` (all rows when None): skipping the lm_head on prompt
         positions nobody reads matters at real vocabulary sizes."""
+        if self.fused_kernels:
+            return self._forward_fused(tokens, batch, kv, logit_rows)
+        return self._forward_eager(tokens, batch, kv, logit_rows)
+
+    def _forward_fused(self, tokens, batch: AttentionBatch, kv, logit_rows):
+        """The same layer as `_forward_eager` in ~10 kernels: GEMMs on merged weights, one epilogue kernel for q/k
+        norm + RoPE + cache write, the residual add folded into the next RMSNorm."""
+        from minedraft.runtime import triton_fused as tf
+
+        a, w = self.arch, self.w
+        h = w["model.embed_tokens.weight"][tokens]
+        x = tf.rms_norm(h, w["model.layers.0.input_layernorm.weight"], a.rms_norm_eps)
+        for i in range(a.num_layers):
+            p = f"model.layers.{i}."
+            qkv = self._linear(x, p + "self_attn.qkv_proj")
+            q = tf.qkv_epilogue(qkv, batch.positions, batch.write_slots, self.cos, self.sin,
+                                w.get(p + "self_attn.q_norm.weight"), w.get(p + "self_attn.k_norm.weight"),
+                                a.rms_norm_eps, kv[i, 0], kv[i, 1], a.num_heads, a.num_kv_heads, a.head_dim)
+            o = paged_attention(q, kv[i, 0], kv[i, 1], batch)
+            o = self._linear(o.view(-1, a.num_heads * a.head_dim), p + "self_attn.o_proj")
+            x, h = tf.rms_norm(o, w[p + "post_attention_layernorm.weight"], a.rms_norm_eps, residual=h)
+            m = self._linear(tf.silu_mul(self._linear(x, p + "mlp.gate_up_proj")), p + "mlp.down_proj")
+            last = i + 1 == a.num_layers
+            norm = w["model.norm.weight"] if last else w[f"model.layers.{i + 1}.input_layernorm.weight"]
+            x, h = tf.rms_norm(m, norm, a.rms_norm_eps, residual=h)
+        if logit_rows is not None:
+            x = x[logit_rows]
+        return F.linear(x, self.lm_head).float()
+
+    def _forward_eager(self, tokens, batch: AttentionBatch, kv, logit_rows):
         a = self.arch
         h = self.w["model.embed_tokens.weight"][tokens]
         cos, sin = self.cos[batch.positions], self.sin[batch.positions]

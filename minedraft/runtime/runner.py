@@ -178,6 +178,11 @@ class ModelRunner:
                 at += 1
         return drafted
 
+    def capture_graphs(self, batch_sizes: list[int], queries: list[int], max_len: int) -> int:
+        """Capture the CUDA graphs that steps of these batch sizes, query rows per sequence and lengths up to max_len
+        will replay (no-op without graphs). Lazy capture on first use costs a step a few forwards."""
+        return self.graphs.capture(batch_sizes, queries, max_len) if self.graphs is not None else 0
+
     # ---- lifetime --------------------------------------------------------------------------------------------------
     def release(self, seq_id: str) -> bool:
         return self.cache.free(seq_id)
