@@ -18,6 +18,7 @@ from minedraft.runtime.checkpoint import load_tokenizer
 from minedraft.runtime.reference import generate as reference_generate, make_sequences
 from minedraft.runtime.sampling import SamplingParams
 from minedraft.runtime.sequence import Sequence
+from minedraft.runtime.transport import leftover_segments
 from minedraft.v1 import common_pb2, model_service_pb2 as pb
 from services.drafter.servicer import DrafterService
 from services.router.clients import ServiceError, _status
@@ -208,3 +209,40 @@ def test_sampled_requests_carry_draft_probabilities(services, prompts):
     assert sum(r.seq.drafted for r in reqs) > 0
     # Same prompt + seed in one batch would give the same tokens; different prompts need not.
     assert_kv_free(services)
+
+
+def test_cancelling_one_sampled_request_leaves_its_batch_mates_intact(services, prompts):
+    """psd over shared memory: the draft probabilities of a whole batch travel in one segment. Cancelling one request
+    must not release that segment while its batch mates' verification (running concurrently with the next draft
+    step, which carries releases) still has to read it; the others finish exactly as without the cancellation."""
+    d, v = services
+    v.importer.trust(d.instance_id)  # what transport negotiation does
+
+    def engine_and_requests():
+        engine = make_engine(services, "psd")
+        engine.transport = "shm"
+        reqs = []
+        for i in range(4):
+            params = SamplingParams(temperature=0.9, seed=100 + i)
+            seq = Sequence(f"c{i}", list(prompts[i]), params, 60, engine.max_len, engine.eos_ids, True)
+            reqs.append(Request(seq=seq, sampling=common_pb2.SamplingOptions(temperature=0.9, seed=100 + i)))
+        return engine, reqs
+
+    engine, reqs = engine_and_requests()
+    clean = asyncio.run(run_all(engine, reqs))
+
+    async def cancel_one():
+        engine, reqs = engine_and_requests()
+        engine.start()
+        try:
+            for r in reqs:
+                engine.submit(r)
+            for _ in range(3):  # a few ticks in, while drafts are in flight
+                assert (await reqs[0].events.get())[0] == "tokens"
+            engine.cancel(reqs[0])
+            return await asyncio.gather(*(drain(r) for r in reqs[1:]))
+        finally:
+            await engine.stop()
+
+    assert asyncio.run(cancel_one()) == clean[1:]
+    assert not leftover_segments(d.instance_id)

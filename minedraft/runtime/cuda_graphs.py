@@ -126,7 +126,7 @@ class GraphedForward:
     def __init__(self, model: CausalLM, cache: PagedKVCache, capture: bool = True):
         self.model = model
         self.cache = cache
-        self.capture = capture
+        self.capture_enabled = capture
         self.graphs: dict[tuple[int, int, int], _Graph] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
 
@@ -140,7 +140,7 @@ class GraphedForward:
         g = self.graphs.get(key)
         if g is None:
             t = time.perf_counter()
-            g = self.graphs[key] = _Graph(self.model, self.cache, B, q, W, self.pool, self.capture)
+            g = self.graphs[key] = _Graph(self.model, self.cache, B, q, W, self.pool, self.capture_enabled)
             log.info("captured CUDA graph batch=%d q=%d width=%d blocks in %.0f ms (%d graphs)", B, q, W,
                      (time.perf_counter() - t) * 1e3, len(self.graphs))
         return g

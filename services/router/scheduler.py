@@ -113,19 +113,25 @@ class Engine(Recovery):
         for req in [r for r in self.waiting if r.cancelled]:
             self.waiting.remove(req)
             self._outbox.append((req.events, ("done", "cancelled")))
+        gone = []
         for batch in self.batches:
             for req in [r for r in batch if r.seq.finished or r.cancelled]:
                 batch.remove(req)
-                self.reserved = [r - n for r, n in zip(self.reserved, self._blocks(req))]
-                # Releasing on a service that never saw the sequence is harmless, just wasted work.
-                if req.phase != PREFILL:
-                    self.release_v.append(req.seq_id)
-                if self.drafter is not None and (req.phase != PREFILL or req.seq.draft_cached):
-                    self.release_d.append(req.seq_id)
-                if req.probs_buffer:
-                    self.release_buffers.append(req.probs_buffer)
-                if req.cancelled and not req.seq.finished:
-                    self._outbox.append((req.events, ("done", "cancelled")))
+                gone.append(req)
+        # A draft step's probabilities are one buffer for its whole batch: released only once no request left in a
+        # batch still points at it (its mates' verification may be reading it right now).
+        held = {r.probs_buffer for batch in self.batches for r in batch if r.probs_buffer}
+        for req in gone:
+            self.reserved = [r - n for r, n in zip(self.reserved, self._blocks(req))]
+            # Releasing on a service that never saw the sequence is harmless, just wasted work.
+            if req.phase != PREFILL:
+                self.release_v.append(req.seq_id)
+            if self.drafter is not None and (req.phase != PREFILL or req.seq.draft_cached):
+                self.release_d.append(req.seq_id)
+            if req.probs_buffer and req.probs_buffer not in held:
+                self.release_buffers.append(req.probs_buffer)
+            if req.cancelled and not req.seq.finished:
+                self._outbox.append((req.events, ("done", "cancelled")))
 
     # ---- the loop -------------------------------------------------------------------------------------------------
     def start(self) -> None:
