@@ -45,7 +45,7 @@ def _channel(args):
     import grpc
 
     if args.ca:
-        from services.common import channel_credentials
+        from minedraft.rpc import channel_credentials
 
         ch = grpc.secure_channel(args.address, channel_credentials(args.ca))
     else:
@@ -148,6 +148,8 @@ def main(argv=None) -> int:
 
     from minedraft.bench.cli import add_parser as add_bench
     add_bench(sub)
+    from minedraft.tools.gguf_import import add_parser as add_import_gguf
+    add_import_gguf(sub)
     args = p.parse_args(argv)
     return args.fn(args)
 
