@@ -150,6 +150,8 @@ def main(argv=None) -> int:
     add_bench(sub)
     from minedraft.tools.gguf_import import add_parser as add_import_gguf
     add_import_gguf(sub)
+    from minedraft.tools.fetch_models import add_parser as add_fetch_real_pair
+    add_fetch_real_pair(sub)
     args = p.parse_args(argv)
     return args.fn(args)
 

@@ -18,6 +18,21 @@ DEMO_DRAFT = str(REPO_ROOT / "models" / "demo-draft")
 MODES = ("ar", "sd", "psd")
 
 
+@dataclass(frozen=True)
+class Role:
+    """What a process of one role is by default: the one place its port, CPU core and model are set."""
+
+    name: str
+    port: int  # default listening port
+    cpu_core: int  # default core to pin to (-2 = not pinned)
+    model: str  # default checkpoint (the router loads only its tokenizer)
+
+
+# Drafter and verifier get a core each on a CPU host, so their steps overlap instead of competing.
+ROLES = {r.name: r for r in (Role("router", 50051, -2, DEMO_TARGET), Role("drafter", 50061, 0, DEMO_DRAFT),
+                             Role("verifier", 50062, 1, DEMO_TARGET))}
+
+
 @dataclass
 class ModelServiceConfig:
     """A drafter or verifier process: one model, one device, one KV cache."""
@@ -39,11 +54,11 @@ class ModelServiceConfig:
     client_ca: str = ""  # PEM CA file; when set, only clients with a certificate it signed may connect (mTLS)
 
     def resolved(self, role: str) -> "ModelServiceConfig":
-        c = dataclasses.replace(self)
-        c.model = c.model or (DEMO_DRAFT if role == "drafter" else DEMO_TARGET)
-        c.port = c.port or (50061 if role == "drafter" else 50062)
+        c, defaults = dataclasses.replace(self), ROLES[role]
+        c.model = c.model or defaults.model
+        c.port = c.port or defaults.port
         if c.cpu_core == -1:
-            c.cpu_core = 0 if role == "drafter" else 1
+            c.cpu_core = defaults.cpu_core
         return c
 
 
@@ -52,9 +67,9 @@ class RouterConfig:
     """The public gRPC endpoint and the PSD scheduler."""
 
     host: str = "127.0.0.1"  # address to listen on (0.0.0.0 in containers)
-    port: int = 50051  # public Generate API
-    drafters: str = "127.0.0.1:50061"  # drafter address(es), comma separated
-    verifiers: str = "127.0.0.1:50062"  # verifier address(es), comma separated
+    port: int = ROLES["router"].port  # public Generate API
+    drafters: str = f"127.0.0.1:{ROLES['drafter'].port}"  # drafter address(es), comma separated
+    verifiers: str = f"127.0.0.1:{ROLES['verifier'].port}"  # verifier address(es), comma separated
     tokenizer: str = ""  # tokenizer directory (default: the demo target)
     mode: str = "psd"  # ar (target only), sd (draft then verify), psd (two batches in flight)
     num_speculative_tokens: int = 4  # k: drafts per sequence per step
@@ -76,7 +91,7 @@ class RouterConfig:
 
     def resolved(self) -> "RouterConfig":
         c = dataclasses.replace(self)
-        c.tokenizer = c.tokenizer or DEMO_TARGET
+        c.tokenizer = c.tokenizer or ROLES["router"].model
         if c.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {c.mode!r}")
         if c.num_speculative_tokens < 1 or c.max_batch_size < 1 or c.max_queue < 0:
@@ -137,5 +152,5 @@ def config_table(cls, prefix: str) -> str:
     return "\n".join(rows)
 
 
-__all__ = ["ModelServiceConfig", "RouterConfig", "add_arguments", "load", "config_table", "MODES",
+__all__ = ["ModelServiceConfig", "RouterConfig", "Role", "ROLES", "add_arguments", "load", "config_table", "MODES",
            "DEMO_TARGET", "DEMO_DRAFT", "REPO_ROOT", "field"]

@@ -16,7 +16,9 @@ import argparse
 import os
 import sys
 
-DEFAULT_PORTS = {"router": 50051, "drafter": 50061, "verifier": 50062}
+from minedraft.config import ROLES  # stdlib only: keeps the probe light
+
+DEFAULT_PORTS = {name: role.port for name, role in ROLES.items()}
 
 
 def _port_from_argv(argv: list[str]) -> int | None:

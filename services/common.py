@@ -1,6 +1,6 @@
-"""What every minedraft gRPC process shares: logging, CPU pinning, a grpc.aio server with the standard health and
-reflection services and message-size limits, TLS credentials (optional, plaintext by default), and a shutdown that is
-clean on SIGINT/SIGTERM."""
+"""What every minedraft gRPC server process shares: logging, CPU pinning, a grpc.aio server with the standard health
+and reflection services and message-size limits, and a shutdown that is clean on SIGINT/SIGTERM. (Credentials and
+channel options, which clients need too, are in minedraft/rpc.py.)"""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from typing import Awaitable, Callable, Iterable
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+from minedraft.rpc import channel_options
 
 log = logging.getLogger("minedraft")
 
@@ -51,48 +53,8 @@ def pin_cpu(core: int, threads: int) -> None:
     torch.set_num_interop_threads(1)
 
 
-def channel_options(max_message_mb: int) -> list[tuple[str, int]]:
-    n = max_message_mb * 1024 * 1024
-    return [("grpc.max_send_message_length", n), ("grpc.max_receive_message_length", n)]
-
-
 def make_server(max_message_mb: int, interceptors=()) -> grpc.aio.Server:
     return grpc.aio.server(options=channel_options(max_message_mb), interceptors=list(interceptors) or None)
-
-
-def read_pem(path: str, what: str) -> bytes:
-    try:
-        data = open(path, "rb").read()
-    except OSError as exc:
-        raise SystemExit(f"cannot read {what} {path!r}: {exc}") from None
-    if b"-----BEGIN" not in data:
-        raise SystemExit(f"{what} {path!r} is not a PEM file")
-    return data
-
-
-def server_credentials(cert: str, key: str, client_ca: str = "") -> grpc.ServerCredentials | None:
-    """None (plaintext) unless a certificate is configured; with `client_ca`, clients must present a certificate
-    signed by it (mutual TLS)."""
-    if not cert and not key:
-        if client_ca:
-            raise SystemExit("--client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
-        return None
-    if not (cert and key):
-        raise SystemExit("--tls-cert and --tls-key go together")
-    pair = (read_pem(key, "TLS key"), read_pem(cert, "TLS certificate"))
-    if client_ca:
-        return grpc.ssl_server_credentials([pair], root_certificates=read_pem(client_ca, "client CA"),
-                                           require_client_auth=True)
-    return grpc.ssl_server_credentials([pair])
-
-
-def channel_credentials(ca: str = "", cert: str = "", key: str = "") -> grpc.ChannelCredentials:
-    """TLS for a client: verify the server with `ca` (system roots when empty); present `cert`/`key` for mTLS."""
-    if bool(cert) != bool(key):
-        raise SystemExit("a client certificate and its key go together")
-    return grpc.ssl_channel_credentials(root_certificates=read_pem(ca, "CA") if ca else None,
-                                        private_key=read_pem(key, "client key") if key else None,
-                                        certificate_chain=read_pem(cert, "client certificate") if cert else None)
 
 
 def add_port(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:

@@ -9,7 +9,6 @@ owned by the session that created it and is freed when that session ends, howeve
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import secrets
 import time
@@ -19,7 +18,7 @@ import grpc
 import torch
 
 from minedraft.config import ModelServiceConfig
-from minedraft.runtime.checkpoint import load_model, load_tokenizer
+from minedraft.runtime.checkpoint import load_model, load_tokenizer, vocab_digest
 from minedraft.runtime.kv_cache import CacheFull
 from minedraft.runtime.runner import Extend, ModelRunner
 from minedraft.runtime.sampling import SamplingParams
@@ -37,11 +36,6 @@ def sampling_from_proto(opts: common_pb2.SamplingOptions) -> SamplingParams:
     return params
 
 
-def vocab_digest(tokenizer) -> str:
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
-    return hashlib.sha256(repr(vocab).encode()).hexdigest()
-
-
 def step_error(exc: BaseException) -> common_pb2.StepError:
     """Exceptions from a step become gRPC status codes the router passes on to the client."""
     if isinstance(exc, CacheFull):
@@ -57,8 +51,12 @@ def step_error(exc: BaseException) -> common_pb2.StepError:
 
 
 class ModelService:
+    """Base of DrafterService and VerifierService. A subclass declares its role (name, gRPC service, the request field
+    that carries its batch step, its response type, its sampling salt) as class attributes and implements `work`."""
+
     role = "model"
     generator_salt = 0
+    grpc_service = ""  # full name of the gRPC service, e.g. minedraft.v1.Drafter
 
     def __init__(self, cfg: ModelServiceConfig):
         """Cheap: the server registers us (and answers health checks as NOT_SERVING) before `load` runs."""
@@ -185,6 +183,9 @@ class ModelService:
 
     work_kind = ""  # "propose" (drafter) or "verify" (verifier): the request field that carries a batch step
     response_cls = None
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        raise NotImplementedError
 
     def step(self, req, owned: set[str]):
         """One session message: a batch step (releases piggybacked on it go first) or a bare release."""

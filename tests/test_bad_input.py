@@ -20,10 +20,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from minedraft.launcher import Cluster
-from minedraft.runtime.transport import leftover_segments
 from minedraft.v1 import common_pb2, generate_pb2 as gpb
-from test_e2e import DRAFT, TARGET, chat, wait_kv_free
+from support import chat, wait_kv_free
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "bad-input.md"
 MAX_MESSAGE_MB = 4
@@ -148,17 +146,8 @@ CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    logs = tmp_path_factory.mktemp("logs-bad-input")
-    c = Cluster(mode="psd", target=TARGET, draft=DRAFT, log_dir=str(logs),
-                router_args=["--max-message-mb", str(MAX_MESSAGE_MB), "--max-new-tokens-limit", "8",
-                             "--max-batch-size", "4", "--num-speculative-tokens", "3"])
-    c.start(timeout_s=180)
-    yield c
-    codes = c.stop()
-    assert all(code == 0 for code in codes.values()), f"unclean exit {codes}; logs in {logs}"
-    assert not leftover_segments()
+CLUSTER = dict(mode="psd", router_args=["--max-message-mb", str(MAX_MESSAGE_MB), "--max-new-tokens-limit", "8",
+                                       "--max-batch-size", "4", "--num-speculative-tokens", "3"])
 
 
 def call(channel: grpc.Channel, method: str, payload: bytes, timeout: float = 60) -> tuple[grpc.StatusCode, str]:

@@ -28,6 +28,7 @@ import grpc
 import pytest
 
 from minedraft.config import DEMO_TARGET
+from support import chat
 
 docker = pytest.mark.docker  # every test here but the healthcheck ones (which need no engine and run by default)
 
@@ -42,10 +43,6 @@ PROMPTS = [
 ]
 BUDGETS = [40, 24, 12, 32]
 TIMINGS: dict[str, float] = {}
-
-
-def chat(p: str) -> str:
-    return f"<|user|>\n{p}\n<|assistant|>\n"
 
 
 def run(args: list[str], timeout: float = 300, env: dict | None = None, check: bool = True) -> str:

@@ -7,95 +7,22 @@ health, reflection, bad input, and no shared-memory segment left behind.
 
 from __future__ import annotations
 
-import os
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
 import torch
 
-from minedraft.config import DEMO_DRAFT, DEMO_TARGET
-from minedraft.launcher import Cluster
-from minedraft.runtime.checkpoint import load_model, load_tokenizer
-from minedraft.runtime.reference import generate as reference_generate, make_sequences
-from minedraft.runtime.runner import ModelRunner
-from minedraft.runtime.sampling import SamplingParams
-from minedraft.runtime.transport import leftover_segments
-from minedraft.v1 import common_pb2, generate_pb2 as gpb, generate_pb2_grpc, model_service_pb2 as mpb, \
-    model_service_pb2_grpc
+from minedraft.v1 import common_pb2, generate_pb2 as gpb, generate_pb2_grpc
+from support import BUDGETS, PROMPTS, TARGET, chat, wait_kv_free
 
-TARGET = os.environ.get("MINEDRAFT_TEST_TARGET", DEMO_TARGET)
-DRAFT = os.environ.get("MINEDRAFT_TEST_DRAFT", DEMO_DRAFT)
-
-PROMPTS = [
-    "Hello, how are you?",
-    "Write a Python function that reverses a string.",
-    "Explain the difference between a list and a tuple, with examples, and say when to use which one in practice.",
-    "What is the capital of France?",
-    "hi",
-    "Summarise the plot of a detective story in three sentences.",
-]
-BUDGETS = [40, 17, 33, 8, 25, 50]
-
-
-def chat(p: str) -> str:
-    return f"<|user|>\n{p}\n<|assistant|>\n"
-
-
-@pytest.fixture(scope="session")
-def tokenizer():
-    return load_tokenizer(TARGET)
-
-
-@pytest.fixture(scope="session")
-def prompt_ids(tokenizer):
-    return [tokenizer.encode(chat(p), add_special_tokens=False) for p in PROMPTS]
-
-
-@pytest.fixture(scope="session")
-def expected(prompt_ids):
-    """Target-only greedy continuations computed in this process (EOS honoured, as the server does)."""
-    model = load_model(TARGET)
-    runner = ModelRunner(model, 16384)
-    seqs = make_sequences(prompt_ids, SamplingParams(), BUDGETS, model.arch.max_position, model.arch.eos_token_ids)
-    return [s.output for s in reference_generate(runner, seqs)]
-
-
-@pytest.fixture(scope="module", params=["psd", "sd", "ar"])
-def cluster(request, tmp_path_factory):
-    logs = tmp_path_factory.mktemp(f"logs-{request.param}")
-    c = Cluster(mode=request.param, target=TARGET, draft=DRAFT, log_dir=str(logs),
-                router_args=["--max-batch-size", "4", "--num-speculative-tokens", "3"])
-    c.start(timeout_s=180)
-    yield c
-    codes = c.stop()
-    assert all(code == 0 for code in codes.values()), f"unclean exit {codes}; logs in {logs}"
-    assert not leftover_segments(), "shared-memory segments left behind"
+CLUSTERS = [dict(mode=m, router_args=["--max-batch-size", "4", "--num-speculative-tokens", "3"])
+            for m in ("psd", "sd", "ar")]
 
 
 def stub_for(cluster):
     return generate_pb2_grpc.GenerationStub(grpc.insecure_channel(cluster.address))
-
-
-def model_info(cluster, role):
-    port = cluster.drafter_port if role == "drafter" else cluster.verifier_port
-    ch = grpc.insecure_channel(f"127.0.0.1:{port}")
-    stub = (model_service_pb2_grpc.DrafterStub if role == "drafter" else model_service_pb2_grpc.VerifierStub)(ch)
-    return stub.GetModelInfo(mpb.ModelInfoRequest(), timeout=10)
-
-
-def wait_kv_free(cluster, timeout_s=10.0):
-    roles = ["verifier"] + ([] if cluster.mode == "ar" else ["drafter"])
-    deadline = time.monotonic() + timeout_s
-    while True:
-        infos = {r: model_info(cluster, r) for r in roles}
-        if all(i.kv_blocks_in_use == 0 and i.active_sequences == 0 and i.live_buffers == 0 for i in infos.values()):
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"KV not released: {infos}")
-        time.sleep(0.2)
 
 
 def test_greedy_matches_target_only_in_every_mode(cluster, prompt_ids, expected):

@@ -12,25 +12,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
-import pytest
 
-from minedraft.launcher import Cluster
-from minedraft.runtime.transport import leftover_segments
 from minedraft.v1 import common_pb2, generate_pb2 as gpb, generate_pb2_grpc
-from test_e2e import DRAFT, TARGET, chat, wait_kv_free
+from support import FAULT_PROMPTS as PROMPTS, chat, wait_kv_free
 
-PROMPTS = ["Tell me about the ocean.", "Write a short story about a robot.", "How do plants grow?"]
+CLUSTER = dict(mode="psd", clean_exit=False, router_args=["--num-speculative-tokens", "3", "--transport", "shm"])
 N = 160
-
-
-@pytest.fixture()
-def cluster(tmp_path):
-    c = Cluster(mode="psd", target=TARGET, draft=DRAFT, log_dir=str(tmp_path),
-                router_args=["--num-speculative-tokens", "3", "--transport", "shm"])
-    c.start(timeout_s=180)
-    yield c
-    c.stop()
-    assert not leftover_segments()
 
 
 def run_all(cluster, sampled=False, during=None):
@@ -56,7 +43,8 @@ def run_all(cluster, sampled=False, during=None):
         return [f.result() for f in futs]
 
 
-def test_drafter_killed_midway(cluster):
+def test_drafter_killed_midway(fresh_cluster):
+    cluster = fresh_cluster
     clean = run_all(cluster)
     faulty = run_all(cluster, during=lambda: cluster.kill("drafter"))
     assert faulty == clean and all(len(t) == N for t in faulty)
@@ -67,7 +55,8 @@ def test_drafter_killed_midway(cluster):
     wait_kv_free(cluster)
 
 
-def test_verifier_killed_and_restarted(cluster):
+def test_verifier_killed_and_restarted(fresh_cluster):
+    cluster = fresh_cluster
     clean = run_all(cluster)
 
     def kill_and_restart():
@@ -79,6 +68,7 @@ def test_verifier_killed_and_restarted(cluster):
     wait_kv_free(cluster)
 
 
-def test_sampled_requests_survive_drafter_loss(cluster):
+def test_sampled_requests_survive_drafter_loss(fresh_cluster):
+    cluster = fresh_cluster
     out = run_all(cluster, sampled=True, during=lambda: cluster.kill("drafter"))
     assert all(len(t) == N for t in out)

@@ -433,22 +433,19 @@ def test_cluster_on_cuda_negotiates_cuda_ipc(tmp_path):
     import grpc
 
     from minedraft.config import DEMO_DRAFT, DEMO_TARGET
-    from minedraft.launcher import Cluster
     from minedraft.runtime.checkpoint import load_tokenizer
     from minedraft.v1 import common_pb2, generate_pb2 as gpb, generate_pb2_grpc
+    from support import chat, running_cluster
 
     tok = load_tokenizer(DEMO_TARGET)
-    prompts = ["<|user|>\nHello, how are you?\n<|assistant|>\n",
-               "<|user|>\nWrite a Python function that reverses a string.\n<|assistant|>\n"]
+    prompts = [chat("Hello, how are you?"), chat("Write a Python function that reverses a string.")]
     ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
     target = ModelRunner(load_model(DEMO_TARGET, "cuda", "float32"), 16384)
     want = [s.output for s in generate(target, make_sequences(ids, SamplingParams(), 32, target.arch.max_position,
                                                               target.arch.eos_token_ids))]
-    c = Cluster(mode="psd", target=DEMO_TARGET, draft=DEMO_DRAFT, device="cuda", log_dir=str(tmp_path),
-                drafter_args=["--dtype", "float32"], verifier_args=["--dtype", "float32"],
-                router_args=["--max-batch-size", "4", "--num-speculative-tokens", "3"])
-    c.start(timeout_s=300)
-    try:
+    with running_cluster(tmp_path, timeout_s=300, mode="psd", target=DEMO_TARGET, draft=DEMO_DRAFT, device="cuda",
+                         drafter_args=["--dtype", "float32"], verifier_args=["--dtype", "float32"],
+                         router_args=["--max-batch-size", "4", "--num-speculative-tokens", "3"]) as c:
         stub = generate_pb2_grpc.GenerationStub(grpc.insecure_channel(c.address))
         got = [list(stub.Generate(gpb.GenerateRequest(prompt=p, max_new_tokens=32), timeout=120).token_ids)
                for p in prompts]
@@ -459,6 +456,3 @@ def test_cluster_on_cuda_negotiates_cuda_ipc(tmp_path):
         assert list(a.token_ids) == list(b.token_ids) and len(a.token_ids) == 24
         router_log = (tmp_path / "router.log").read_text()
         assert "(transport cuda_ipc)" in router_log, router_log[-3000:]
-    finally:
-        codes = c.stop()
-    assert all(code == 0 for code in codes.values()), f"unclean exit {codes}; logs in {tmp_path}"

@@ -29,7 +29,7 @@ import pytest
 from minedraft.launcher import Cluster
 from minedraft.runtime.transport import leftover_segments
 from minedraft.v1 import common_pb2, generate_pb2 as gpb, generate_pb2_grpc
-from test_e2e import DRAFT, PROMPTS, TARGET, chat, wait_kv_free
+from support import PROMPTS, chat, wait_kv_free
 
 pytestmark = pytest.mark.load
 
@@ -127,16 +127,7 @@ def rss_all(cluster: Cluster) -> dict[str, float]:
     return {role: round(rss_mb(p.pid), 1) for role, p in sorted(cluster.procs.items())}
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    logs = tmp_path_factory.mktemp("logs-load")
-    c = Cluster(mode="psd", target=TARGET, draft=DRAFT, log_dir=str(logs),
-                router_args=["--max-queue", str(MAX_QUEUE), "--max-batch-size", str(MAX_BATCH)])
-    c.start(timeout_s=180)
-    yield c
-    codes = c.stop()
-    assert all(code == 0 for code in codes.values()), f"unclean exit {codes}; logs in {logs}"
-    assert not leftover_segments()
+CLUSTER = dict(mode="psd", router_args=["--max-queue", str(MAX_QUEUE), "--max-batch-size", str(MAX_BATCH)])
 
 
 def check_clean(cluster: Cluster) -> None:

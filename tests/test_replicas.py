@@ -7,34 +7,17 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
-import pytest
 
-from minedraft.launcher import Cluster
-from minedraft.runtime.transport import leftover_segments
 from minedraft.v1 import generate_pb2 as gpb, generate_pb2_grpc
-from test_e2e import DRAFT, TARGET, chat, model_info
-from test_faults import PROMPTS
+from support import FAULT_PROMPTS as PROMPTS, chat, model_info
 
+CLUSTER = dict(mode="psd", clean_exit=False, verifier_replicas=2, drafter_replicas=2,
+               router_args=["--num-speculative-tokens", "3"])
 N = 120
 
 
-@pytest.fixture()
-def cluster(tmp_path):
-    c = Cluster(mode="psd", target=TARGET, draft=DRAFT, log_dir=str(tmp_path), verifier_replicas=2,
-                drafter_replicas=2, router_args=["--num-speculative-tokens", "3"])
-    c.start(timeout_s=180)
-    yield c
-    c.stop()
-    assert not leftover_segments()
-
-
 def busy(cluster, role):
-    port = cluster.port_of(role)
-    from minedraft.v1 import model_service_pb2 as mpb, model_service_pb2_grpc as mg
-
-    ch = grpc.insecure_channel(f"127.0.0.1:{port}")
-    stub = (mg.VerifierStub if role.startswith("verifier") else mg.DrafterStub)(ch)
-    return stub.GetModelInfo(mpb.ModelInfoRequest(), timeout=10).busy_seconds
+    return model_info(cluster, role).busy_seconds
 
 
 def generate_all(cluster, during=None):
@@ -52,7 +35,8 @@ def generate_all(cluster, during=None):
         return [f.result() for f in futs]
 
 
-def test_two_lanes_serve_and_agree(cluster):
+def test_two_lanes_serve_and_agree(fresh_cluster):
+    cluster = fresh_cluster
     info = generate_pb2_grpc.GenerationStub(grpc.insecure_channel(cluster.address)).GetInfo(gpb.GetInfoRequest())
     assert len(info.verifier_replicas) == 2 and len(info.drafter_replicas) == 2
     before = {r: busy(cluster, r) for r in ("verifier", "verifier-1", "drafter", "drafter-1")}
@@ -62,7 +46,8 @@ def test_two_lanes_serve_and_agree(cluster):
         assert busy(cluster, role) > b + 0.05, f"{role} served nothing"
 
 
-def test_verifier_replica_lost_for_good(cluster):
+def test_verifier_replica_lost_for_good(fresh_cluster):
+    cluster = fresh_cluster
     import time
 
     clean = generate_all(cluster)

@@ -1,4 +1,4 @@
-"""The router's engine against the real drafter and verifier servicers, called in-process instead of over gRPC.
+"""A router lane against the real drafter and verifier servicers, called in-process instead of over gRPC.
 
 Same servicer code as in production, minus the sockets, so the schedule itself can be checked step by step: the
 first PSD tick drafts synchronously and every later tick overlaps a verify with a draft of the other batch; new
@@ -9,11 +9,10 @@ frees KV on both services; and all of it stays lossless.
 from __future__ import annotations
 
 import asyncio
-import os
 
 import pytest
 
-from minedraft.config import DEMO_DRAFT, DEMO_TARGET, ModelServiceConfig, RouterConfig
+from minedraft.config import ModelServiceConfig, RouterConfig
 from minedraft.runtime.checkpoint import load_tokenizer
 from minedraft.runtime.reference import generate as reference_generate, make_sequences
 from minedraft.runtime.sampling import SamplingParams
@@ -22,12 +21,12 @@ from minedraft.runtime.transport import leftover_segments
 from minedraft.v1 import common_pb2, model_service_pb2 as pb
 from services.drafter.servicer import DrafterService
 from services.router.clients import ServiceError, _status
-from services.router.scheduler import Engine, QueueFull, Request
+from services.router.lane import Lane
+from services.router.request import QueueFull, Request
 from services.router.trace import Trace
 from services.verifier.servicer import VerifierService
+from support import DRAFT, TARGET, chat
 
-TARGET = os.environ.get("MINEDRAFT_TEST_TARGET", DEMO_TARGET)
-DRAFT = os.environ.get("MINEDRAFT_TEST_DRAFT", DEMO_DRAFT)
 
 
 class InProcessClient:
@@ -63,15 +62,13 @@ def prompts():
     tok = load_tokenizer(TARGET)
     texts = ["Hello there", "Write a haiku about rain", "What is 2 + 2?", "List three colours",
              "Explain gravity to a child in a few sentences", "Why is the sky blue?"]
-    return [tok.encode(f"<|user|>\n{t}\n<|assistant|>\n", add_special_tokens=False) for t in texts]
+    return [tok.encode(chat(t), add_special_tokens=False) for t in texts]
 
 
 def make_engine(services, mode="psd", **cfg):
     d, v = services
-    engine = Engine(RouterConfig(mode=mode, num_speculative_tokens=3, **cfg), InProcessClient(v, "verifier"),
-                    InProcessClient(d, "drafter") if mode != "ar" else None, "inline")
-    engine.trace = Trace(keep=True)
-    return engine
+    return Lane(RouterConfig(mode=mode, num_speculative_tokens=3, **cfg), InProcessClient(v, "verifier"),
+                InProcessClient(d, "drafter") if mode != "ar" else None, "inline", trace=Trace(keep=True))
 
 
 def request_for(engine, i, ids, n, params=SamplingParams(), ignore_eos=True):
@@ -181,13 +178,13 @@ def test_cancel_frees_both_services(services, prompts):
             first = await reqs[0].events.get()
             assert first[0] == "tokens"
             for r in reqs:
-                engine.cancel(r)
+                r.cancel()
             reasons = []
             for r in reqs:
                 while (ev := await r.events.get())[0] != "done":
                     pass
                 reasons.append(ev[1])
-            while engine.running or engine.release_v or engine.release_d:
+            while engine.running or engine.releases:
                 await asyncio.sleep(0.01)
             await asyncio.sleep(0.05)
             return reasons
@@ -239,7 +236,7 @@ def test_cancelling_one_sampled_request_leaves_its_batch_mates_intact(services, 
                 engine.submit(r)
             for _ in range(3):  # a few ticks in, while drafts are in flight
                 assert (await reqs[0].events.get())[0] == "tokens"
-            engine.cancel(reqs[0])
+            reqs[0].cancel()
             return await asyncio.gather(*(drain(r) for r in reqs[1:]))
         finally:
             await engine.stop()

@@ -17,16 +17,16 @@ import grpc
 import pytest
 import torch
 
-from minedraft.launcher import Cluster, TLSFiles
+from minedraft.launcher import TLSFiles
+from minedraft.rpc import server_credentials
 from minedraft.runtime.checkpoint import load_model
 from minedraft.runtime.reference import generate as reference_generate, make_sequences
 from minedraft.runtime.runner import ModelRunner
 from minedraft.runtime.sampling import SamplingParams
 from minedraft.runtime.transport import TensorExporter, TensorImporter, TransportError, leftover_segments
 from minedraft.v1 import generate_pb2 as gpb, generate_pb2_grpc, model_service_pb2 as mpb, model_service_pb2_grpc
-from services import common
 from services.router.api import BearerTokenAuth
-from test_e2e import DRAFT, TARGET, chat
+from support import TARGET, chat, running_cluster
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
 
@@ -75,18 +75,14 @@ def pki(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cluster(pki, tmp_path_factory):
-    logs = tmp_path_factory.mktemp("logs-secure")
     ca = str(pki["ca"][0])
-    c = Cluster(mode="psd", target=TARGET, draft=DRAFT, log_dir=str(logs),
-                public_tls=TLSFiles(ca, *map(str, pki["router"])),
-                internal_tls=TLSFiles(ca, *map(str, pki["service"]), *map(str, pki["router_client"])),
-                auth_token_file=str(pki["token_file"]),
-                router_args=["--max-batch-size", "4", "--num-speculative-tokens", "3", "--transport", "shm"])
-    c.start(timeout_s=180)
-    yield c
-    codes = c.stop()
-    assert all(code == 0 for code in codes.values()), f"unclean exit {codes}; logs in {logs}"
-    assert not leftover_segments()
+    with running_cluster(tmp_path_factory.mktemp("logs-secure"), mode="psd",
+                         public_tls=TLSFiles(ca, *map(str, pki["router"])),
+                         internal_tls=TLSFiles(ca, *map(str, pki["service"]), *map(str, pki["router_client"])),
+                         auth_token_file=str(pki["token_file"]),
+                         router_args=["--max-batch-size", "4", "--num-speculative-tokens", "3", "--transport",
+                                      "shm"]) as c:
+        yield c
 
 
 @pytest.fixture(scope="module")
@@ -287,9 +283,9 @@ def test_bearer_token_comparison():
 def test_misconfigured_tls_is_refused(pki):
     cert, key = map(str, pki["service"])
     with pytest.raises(SystemExit, match="go together"):
-        common.server_credentials(cert, "")
+        server_credentials(cert, "")
     with pytest.raises(SystemExit, match="needs --tls-cert"):
-        common.server_credentials("", "", str(pki["ca"][0]))
+        server_credentials("", "", str(pki["ca"][0]))
     with pytest.raises(SystemExit, match="not a PEM"):
-        common.server_credentials(str(pki["token_file"]), key)
-    assert common.server_credentials(cert, key, str(pki["ca"][0])) is not None
+        server_credentials(str(pki["token_file"]), key)
+    assert server_credentials(cert, key, str(pki["ca"][0])) is not None

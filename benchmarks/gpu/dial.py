@@ -101,13 +101,13 @@ class CountingSequence(Sequence):
     acceptance a can be estimated as accepted / (accepted + rejections) (each draft token examined is a coin flip
     until the first rejection; drafts after it are never examined)."""
 
-    def on_verified(self, num_accepted: int, new_tokens: list[int]) -> list[int]:
-        n = len(self.drafts)
+    def on_verified(self, num_drafts: int, num_accepted: int, new_tokens: list[int]) -> list[int]:
+        n = num_drafts
         if n:
             self.__dict__["dial_steps"] = self.__dict__.get("dial_steps", 0) + 1
             if num_accepted < n:
                 self.__dict__["dial_rejections"] = self.__dict__.get("dial_rejections", 0) + 1
-        return super().on_verified(num_accepted, new_tokens)
+        return super().on_verified(num_drafts, num_accepted, new_tokens)
 
 
 def counting(seqs: list[Sequence]) -> list[Sequence]:

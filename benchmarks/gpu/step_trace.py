@@ -15,7 +15,7 @@ import torch
 
 from benchmarks.gpu.dial import dial_pair
 from benchmarks.gpu.shapes import build_random_model
-from minedraft.runtime.reference import _verify, make_sequences
+from minedraft.runtime.reference import NO_DRAFT, _verify, make_sequences
 from minedraft.runtime.runner import ModelRunner
 from minedraft.runtime.sampling import SamplingParams
 from minedraft.runtime.speculative import DraftRequest, propose
@@ -36,17 +36,18 @@ g = torch.Generator().manual_seed(0)
 prompts = [torch.randint(1, t_m.arch.vocab_size, (ctx,), generator=g).tolist() for _ in range(batch)]
 seqs = make_sequences(prompts, SamplingParams(), 200, 4096, ignore_eos=True)
 gens = {s.seq_id: None for s in seqs}
-_verify(tr, seqs, gens)
+_verify(tr, seqs, [NO_DRAFT] * len(seqs), gens)
 for step in range(a.steps):
     sync()
     t0 = time.perf_counter()
     reqs = [DraftRequest(s.seq_id, *s.draft_input(), s.draft_len(k), s.params, None) for s in seqs]
     qd = max(len(r.tokens) for r in reqs)
-    for s, d in zip(seqs, propose(dr, reqs)):
-        s.on_drafted(d.tokens, d.probs)
+    drafts = propose(dr, reqs)
+    for s, d in zip(seqs, drafts):
+        s.on_drafted(len(d.tokens))
     sync()
     t1 = time.perf_counter()
-    _verify(tr, seqs, gens)
+    _verify(tr, seqs, drafts, gens)
     sync()
     t2 = time.perf_counter()
     ng = lambda r: len(r.graphs.graphs) if r.graphs is not None else 0  # noqa: E731

@@ -6,6 +6,7 @@ weights straight into our dict of tensors. Nothing is fetched from a hub: the pa
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
@@ -44,6 +45,13 @@ def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def vocab_digest(tokenizer) -> str:
+    """A fingerprint of the token -> id mapping: draft, target and the router's tokenizer must agree on it, or token
+    ids would mean different things to each (checked at start-up)."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256(repr(vocab).encode()).hexdigest()
 
 
 def _read_safetensors(path: Path, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:

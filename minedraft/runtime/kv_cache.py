@@ -39,10 +39,6 @@ class PagedKVCache:
         self._free = list(range(num_blocks - 1, -1, -1))  # a stack: recently freed blocks are reused first
         self.seqs: dict[str, SequenceSlots] = {}
 
-    @staticmethod
-    def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-        return 2 * num_layers * num_kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
-
     @property
     def free_blocks(self) -> int:
         return len(self._free)

@@ -9,7 +9,9 @@ from __future__ import annotations
 from minedraft.runtime.runner import ModelRunner
 from minedraft.runtime.sampling import SamplingParams
 from minedraft.runtime.sequence import Sequence
-from minedraft.runtime.speculative import DraftRequest, VerifyRequest, propose, verify_batch
+from minedraft.runtime.speculative import Draft, DraftRequest, VerifyRequest, propose, verify_batch
+
+NO_DRAFT = Draft([], None)
 
 
 def make_sequences(prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
@@ -21,12 +23,12 @@ def make_sequences(prompts: list[list[int]], params: SamplingParams | list[Sampl
             for i, p in enumerate(prompts)]
 
 
-def _verify(target: ModelRunner, seqs: list[Sequence], gens: dict) -> None:
-    reqs = [VerifyRequest(s.seq_id, *s.verify_input(), s.drafts, s.draft_probs, s.params,
-                          gens[s.seq_id]) for s in seqs]
+def _verify(target: ModelRunner, seqs: list[Sequence], drafts: list[Draft], gens: dict) -> None:
+    reqs = [VerifyRequest(s.seq_id, *s.verify_input(), d.tokens, d.probs, s.params, gens[s.seq_id])
+            for s, d in zip(seqs, drafts)]
     res = verify_batch(target, reqs)
-    for s, n, toks in zip(seqs, res.num_accepted.tolist(), res.tokens):
-        s.on_verified(n, toks)
+    for s, d, n, toks in zip(seqs, drafts, res.num_accepted.tolist(), res.tokens):
+        s.on_verified(len(d.tokens), n, toks)
 
 
 def generate(target: ModelRunner, seqs: list[Sequence], draft: ModelRunner | None = None, k: int = 4) -> list[Sequence]:
@@ -35,13 +37,15 @@ def generate(target: ModelRunner, seqs: list[Sequence], draft: ModelRunner | Non
     tgens = {s.seq_id: s.params.make_generator(salt=0) for s in seqs}
     dgens = {s.seq_id: s.params.make_generator(salt=1) for s in seqs}
     try:
-        _verify(target, seqs, tgens)  # prefill: the first token comes from the target alone
+        _verify(target, seqs, [NO_DRAFT] * len(seqs), tgens)  # prefill: the first token comes from the target alone
         while live := [s for s in seqs if not s.finished]:
+            drafts = [NO_DRAFT] * len(live)
             if draft is not None:
                 reqs = [DraftRequest(s.seq_id, *s.draft_input(), s.draft_len(k), s.params, dgens[s.seq_id]) for s in live]
-                for s, d in zip(live, propose(draft, reqs)):
-                    s.on_drafted(d.tokens, d.probs)
-            _verify(target, live, tgens)
+                drafts = propose(draft, reqs)
+                for s, d in zip(live, drafts):
+                    s.on_drafted(len(d.tokens))
+            _verify(target, live, drafts, tgens)
     finally:
         for s in seqs:
             target.release(s.seq_id)

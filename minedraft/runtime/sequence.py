@@ -10,7 +10,6 @@ the same operation.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from minedraft.runtime.sampling import SamplingParams
 
@@ -27,8 +26,6 @@ class Sequence:
     tokens: list[int] = field(default_factory=list)  # prompt + accepted output
     draft_cached: int = 0  # leading `tokens` the drafter's KV holds
     target_cached: int = 0  # leading `tokens` the verifier's KV holds
-    drafts: list[int] = field(default_factory=list)  # proposed, awaiting verification
-    draft_probs: Any = None  # their draft distribution q ([len(drafts), V] tensor or a transport handle) when sampled
     drafted: int = 0
     accepted: int = 0
     verify_steps: int = 0
@@ -46,11 +43,6 @@ class Sequence:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    @property
-    def started(self) -> bool:
-        """Has the target produced the first token (prefill done)?"""
-        return len(self.tokens) > len(self.prompt)
-
     def draft_len(self, k: int) -> int:
         """Drafts worth proposing now: accepted drafts plus the target's own token must fit both the output budget and
         the context, so a verification never produces tokens we would throw away."""
@@ -60,26 +52,25 @@ class Sequence:
     def draft_input(self) -> tuple[int, list[int]]:
         return self.draft_cached, self.tokens[self.draft_cached:]
 
-    def on_drafted(self, drafts: list[int], probs: Any = None) -> None:
-        # The drafter fed every committed token and all drafts but the last one into its cache; counting those drafts
-        # as cached is right as long as they get accepted, which on_verified settles.
-        self.drafts, self.draft_probs = list(drafts), probs
-        self.draft_cached = len(self.tokens) + max(len(drafts) - 1, 0)
+    def on_drafted(self, num_drafts: int) -> None:
+        """The drafter fed every committed token and all drafts but the last one into its cache; counting those drafts
+        as cached is right as long as they get accepted, which on_verified settles. (The drafts themselves are held by
+        whoever drives the services until they are verified.)"""
+        self.draft_cached = len(self.tokens) + max(num_drafts - 1, 0)
 
     def verify_input(self) -> tuple[int, list[int]]:
         """Where the verifier resumes and the committed tokens it has not cached; `drafts` go after them."""
         return self.target_cached, self.tokens[self.target_cached:]
 
-    def on_verified(self, num_accepted: int, new_tokens: list[int]) -> list[int]:
-        """Commit the verifier's output (accepted drafts + one target token); return what is emitted to the client,
-        cut at EOS / max_new_tokens / context."""
+    def on_verified(self, num_drafts: int, num_accepted: int, new_tokens: list[int]) -> list[int]:
+        """Commit the verifier's output for `num_drafts` drafts (accepted drafts + one target token); return what is
+        emitted to the client, cut at EOS / max_new_tokens / context."""
         old = len(self.tokens)
-        self.drafted += len(self.drafts)
+        self.drafted += num_drafts
         self.accepted += num_accepted
         self.verify_steps += 1
         self.target_cached = old + num_accepted
         self.draft_cached = min(self.draft_cached, old + num_accepted)
-        self.drafts, self.draft_probs = [], None
         emitted = []
         for t in new_tokens:
             self.tokens.append(t)

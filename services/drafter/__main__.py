@@ -1,3 +1,4 @@
+from services.drafter.servicer import DrafterService
 from services.serve import main
 
-main("drafter")
+main(DrafterService)

@@ -8,7 +8,7 @@ import time
 import torch
 
 from minedraft.runtime.speculative import DraftRequest, propose
-from minedraft.v1 import model_service_pb2 as pb
+from minedraft.v1 import model_service_pb2 as pb, model_service_pb2_grpc as pb_grpc
 from services.model_service import ModelService
 
 
@@ -16,6 +16,10 @@ class DrafterService(ModelService):
     role = "drafter"
     generator_salt = 1  # the draft's random stream must differ from the target's
     work_kind, response_cls = "propose", pb.DrafterResponse
+    grpc_service = pb.DESCRIPTOR.services_by_name["Drafter"].full_name
+
+    def add_to_server(self, server) -> None:
+        pb_grpc.add_DrafterServicer_to_server(self, server)
 
     def work(self, batch: pb.ProposeBatch, owned: set[str]) -> pb.ProposeResult:
         t = time.perf_counter()

@@ -17,8 +17,8 @@ import grpc
 from minedraft.runtime.sampling import SamplingParams
 from minedraft.runtime.sequence import Sequence
 from minedraft.v1 import generate_pb2 as gpb
-from services.router.lanes import Router
-from services.router.scheduler import QueueFull, Request
+from services.router.replicas import ReplicaPool
+from services.router.request import QueueFull, Request
 from services.router.text import TextStream
 
 log = logging.getLogger(__name__)
@@ -37,9 +37,9 @@ class GenerationServicer:
     `attach` makes it serve."""
 
     def __init__(self):
-        self.router: Router | None = None
+        self.router: ReplicaPool | None = None
 
-    def attach(self, router: Router, tokenizer, info: gpb.ServerInfo) -> "GenerationServicer":
+    def attach(self, router: ReplicaPool, tokenizer, info: gpb.ServerInfo) -> "GenerationServicer":
         self.tokenizer, self.info = tokenizer, info
         # No token is longer than this many characters, so a prompt longer than context x this cannot fit and is
         # refused before tokenizing it (which would take ~1 s per MB).
@@ -116,7 +116,8 @@ class GenerationServicer:
 
     # ---- running a request ----------------------------------------------------------------------------------------
     async def _run(self, req: gpb.GenerateRequest, context):
-        """Yield (new_text, new_ids, finish_reason or None, Request) as the engine accepts tokens."""
+        """Yield (new_text, new_ids, finish_reason or None, Request, tokens released so far) as the lane accepts
+        tokens. Text and ids are released together (TextStream), so what a client got always agrees."""
         await self._require_ready(context)
         try:
             r = await self.build(req)
@@ -134,43 +135,45 @@ class GenerationServicer:
                     await context.abort(value.code, str(value))
                 if kind == "done":
                     finished = True
-                    yield text.flush(), [], value, r
+                    new_text, new_ids = text.flush()
+                    yield new_text, new_ids, value, r, text.sent_tokens
                     return
-                new_text = text.feed(value)
+                new_text, new_ids = text.feed(value)
                 if text.stopped:
                     finished = True
-                    yield new_text, value, "stop_string", r
+                    yield new_text, new_ids, "stop_string", r, text.sent_tokens
                     return
-                yield new_text, value, None, r
+                yield new_text, new_ids, None, r, text.sent_tokens
         finally:
             if not finished or text.stopped:
-                self.router.cancel(r)
+                r.cancel()
 
-    def _tail(self, r: Request, resp) -> None:
+    @staticmethod
+    def _tail(r: Request, completion_tokens: int, resp) -> None:
         resp.usage.prompt_tokens = len(r.seq.prompt)
-        resp.usage.completion_tokens = len(r.seq.output)
+        resp.usage.completion_tokens = completion_tokens
         resp.speculation.drafted_tokens = r.seq.drafted
         resp.speculation.accepted_tokens = r.seq.accepted
         resp.speculation.verify_steps = r.seq.verify_steps
 
     async def Generate(self, req: gpb.GenerateRequest, context) -> gpb.GenerateResponse:
         rid = req.request_id or uuid.uuid4().hex
-        parts, ids, reason, r = [], [], None, None
-        async for new_text, new_ids, reason, r in self._run(req, context):
+        parts, ids, reason, r, n = [], [], None, None, 0
+        async for new_text, new_ids, reason, r, n in self._run(req, context):
             parts.append(new_text)
             ids.extend(new_ids)
         resp = gpb.GenerateResponse(request_id=rid, text="".join(parts), token_ids=ids,
                                     finish_reason=FINISH.get(reason, gpb.FINISH_REASON_UNSPECIFIED))
-        self._tail(r, resp)
+        self._tail(r, n, resp)
         return resp
 
     async def GenerateStream(self, req: gpb.GenerateRequest, context):
         rid = req.request_id or uuid.uuid4().hex
-        async for new_text, new_ids, reason, r in self._run(req, context):
+        async for new_text, new_ids, reason, r, n in self._run(req, context):
             msg = gpb.GenerateStreamResponse(request_id=rid, text=new_text, token_ids=new_ids)
             if reason is not None:
                 msg.finish_reason = FINISH.get(reason, gpb.FINISH_REASON_UNSPECIFIED)
-                self._tail(r, msg)
+                self._tail(r, n, msg)
             if new_text or new_ids or reason is not None:
                 yield msg
 

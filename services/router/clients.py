@@ -12,7 +12,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from minedraft.v1 import model_service_pb2 as pb, model_service_pb2_grpc as pb_grpc
-from services.common import channel_credentials, channel_options
+from minedraft.rpc import channel_credentials, channel_options
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,6 @@ class ModelClient:
         self._session = None
         self._lock = asyncio.Lock()
         self._ids = itertools.count(1)
-        self.busy_s = 0.0  # wall time with a step outstanding (router's view of this replica's load)
 
     async def wait_ready(self, timeout_s: float = 300.0) -> pb.ModelInfo:
         """Block until the replica reports SERVING (model loaded and warmed up), then fetch its info."""
@@ -87,7 +86,6 @@ class ModelClient:
             if self._session is None:
                 self._session = self.stub.Session()
             request.step_id = next(self._ids)
-            t = time.perf_counter()
             try:
                 # asyncio.timeout, not wait_for: wait_for runs the exchange in a new task, which queues the write
                 # behind every other ready task (the clients' stream writes), on the critical path of each step.
@@ -99,8 +97,6 @@ class ModelClient:
                 self._session = None
                 code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else grpc.StatusCode.UNAVAILABLE
                 raise ServiceError(code, f"{self.kind} {self.address}: {exc}", lost=True, source=self.kind) from exc
-            finally:
-                self.busy_s += time.perf_counter() - t
             if resp is grpc.aio.EOF:
                 self._session = None
                 raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"{self.kind} {self.address} closed the session",

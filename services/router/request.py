@@ -1,41 +1,73 @@
-"""A client request as the router's engine sees it: the sequence bookkeeping, the sampling options, the queue its
-tokens go out on, and which step it needs next."""
+"""A client request as a lane sees it: the sequence's committed truth (Sequence), its sampling options, the queue its
+tokens go out on, and the draft it is waiting to have verified (PendingDraft), if any.
+
+What a request needs next follows from that state and nothing else: a request whose target cache is empty needs its
+prompt prefilled, one with a pending draft needs verifying, any other needs drafting (`Request.phase`).
+"""
 
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import dataclass, field
 
 from minedraft.runtime.sequence import Sequence
 from minedraft.v1 import common_pb2
 
-PREFILL, DRAFT, VERIFY = "prefill", "draft", "verify"  # what a running sequence needs next
+PREFILL, DRAFT, VERIFY = "prefill", "draft", "verify"  # what a running request needs next
 
 
 class QueueFull(Exception):
-    pass
+    """No room for the request now (queue limit, or no verifier): the client gets RESOURCE_EXHAUSTED / UNAVAILABLE."""
 
 
-@dataclass
+@dataclass(frozen=True)
+class PendingDraft:
+    """Drafts proposed for a sequence and not verified yet. For a sampled request, `probs` is the draft step's tensor
+    of draft probabilities q (one buffer for the whole draft batch) and `probs_row` this sequence's first row in it."""
+
+    tokens: list[int]
+    probs: common_pb2.TensorRef | None = None
+    probs_row: int = -1
+
+    @property
+    def buffer(self) -> str:
+        """Name of the drafter buffer holding `probs` ('' when inline or greedy): released once verified."""
+        if self.probs is None:
+            return ""
+        kind = self.probs.WhichOneof("payload")
+        return self.probs.shm.name if kind == "shm" else self.probs.cuda_ipc.name if kind == "cuda_ipc" else ""
+
+
+@dataclass(eq=False)
 class Request:
     seq: Sequence
     sampling: common_pb2.SamplingOptions
     events: asyncio.Queue = field(default_factory=asyncio.Queue)  # ("tokens", [ids]) | ("done", reason) | ("error", exc)
-    arrival: float = field(default_factory=time.perf_counter)
-    first_token_at: float | None = None
-    finished_at: float | None = None
-    phase: str = PREFILL
     cancelled: bool = False
-    probs_ref: common_pb2.TensorRef | None = None  # where this sequence's draft probabilities live (sampled only)
-    probs_buffer: str = ""
-    lane: object = None  # the Engine this request is pinned to (set by the Router)
+    draft: PendingDraft | None = None
 
     @property
     def seq_id(self) -> str:
         return self.seq.seq_id
 
+    @property
+    def phase(self) -> str:
+        if self.draft is not None:
+            return VERIFY
+        return PREFILL if self.seq.target_cached == 0 else DRAFT
 
-def buffer_name(ref: common_pb2.TensorRef) -> str:
-    kind = ref.WhichOneof("payload")
-    return ref.shm.name if kind == "shm" else ref.cuda_ipc.name if kind == "cuda_ipc" else ""
+    def cancel(self) -> None:
+        """The client went away. The lane holding the request notices on its next iteration (a lane with requests
+        never sleeps) and frees the request's KV on both services."""
+        self.cancelled = True
+
+    def drop_draft(self) -> PendingDraft | None:
+        """Forget the pending draft (verified, or made useless by a fault); the caller frees what it points at."""
+        draft, self.draft = self.draft, None
+        return draft
+
+    def forget_caches(self) -> PendingDraft | None:
+        """Both services lost this sequence (it moves to another lane): it re-prefills from its tokens there."""
+        self.seq.reset_cache("draft")
+        self.seq.reset_cache("target")
+        return self.drop_draft()

@@ -10,12 +10,12 @@ import grpc
 from google.protobuf.message_factory import GetMessageClass
 
 from minedraft import config
-from minedraft.runtime.checkpoint import load_tokenizer
+from minedraft.rpc import server_credentials
+from minedraft.runtime.checkpoint import load_tokenizer, vocab_digest
 from minedraft.v1 import generate_pb2
 from services import common
-from services.model_service import vocab_digest
 from services.router.api import BearerTokenAuth, GenerationServicer
-from services.router.lanes import Router
+from services.router.replicas import ReplicaPool
 
 log = logging.getLogger("minedraft")
 SERVICE = generate_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
@@ -24,7 +24,7 @@ SERVICE = generate_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
 async def build(cfg: config.RouterConfig):
     """Everything but the listening socket: (router over replica lanes, tokenizer, server info)."""
     tokenizer = load_tokenizer(cfg.tokenizer)
-    router = Router(cfg)
+    router = ReplicaPool(cfg)
     await router.start()
     verifier = next(iter(router.verifiers.values()))
     if vocab_digest(tokenizer) != verifier.info.tokenizer_digest:
@@ -92,7 +92,7 @@ def auth_token(cfg: config.RouterConfig) -> str:
 
 
 async def _serve(cfg: config.RouterConfig) -> None:
-    credentials = common.server_credentials(cfg.tls_cert, cfg.tls_key)
+    credentials = server_credentials(cfg.tls_cert, cfg.tls_key)
     token = auth_token(cfg)
     if token and credentials is None and cfg.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("a bearer token over plaintext on %s can be read off the network: set --tls-cert/--tls-key",

@@ -1,3 +1,4 @@
 from services.serve import main
+from services.verifier.servicer import VerifierService
 
-main("verifier")
+main(VerifierService)

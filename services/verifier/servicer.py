@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from minedraft.runtime.speculative import VerifyRequest, verify_batch
-from minedraft.v1 import model_service_pb2 as pb
+from minedraft.v1 import model_service_pb2 as pb, model_service_pb2_grpc as pb_grpc
 from services.model_service import ModelService
 
 
@@ -14,6 +14,10 @@ class VerifierService(ModelService):
     role = "verifier"
     generator_salt = 0
     work_kind, response_cls = "verify", pb.VerifierResponse
+    grpc_service = pb.DESCRIPTOR.services_by_name["Verifier"].full_name
+
+    def add_to_server(self, server) -> None:
+        pb_grpc.add_VerifierServicer_to_server(self, server)
 
     def work(self, batch: pb.VerifyBatch, owned: set[str]) -> pb.VerifyResultMsg:
         t = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Replicas: one engine ("lane") per verifier replica, each paired with a drafter replica.
+"""The replica pool: one lane per verifier replica, each paired with a drafter replica.
 
 KV caches are stateful, so a sequence is pinned to one lane, i.e. to one verifier and one drafter, for its whole
 life; new sequences go to the least-loaded lane. Replica addresses come from host:port lists whose host names are
@@ -17,8 +17,9 @@ import grpc
 
 from minedraft.config import RouterConfig
 from services.router.clients import ModelClient, ServiceError, internal_credentials
+from services.router.lane import Lane
 from services.router.negotiation import negotiate
-from services.router.scheduler import Engine, QueueFull, Request
+from services.router.request import QueueFull, Request
 
 log = logging.getLogger(__name__)
 
@@ -39,19 +40,22 @@ def resolve(spec: str) -> list[str]:
     return sorted(out)
 
 
-class Router:
+class ReplicaPool:
+    """Every drafter and verifier replica the router knows, and a lane per verifier. New requests go to the
+    least-loaded live lane; a lane whose verifier is gone hands its requests to the others (`rehome`)."""
+
     def __init__(self, cfg: RouterConfig):
         self.cfg = cfg
         self.verifiers: dict[str, ModelClient] = {}
         self.drafters: dict[str, ModelClient] = {}
-        self.lanes: dict[str, Engine] = {}  # keyed by verifier address
+        self.lanes: dict[str, Lane] = {}  # keyed by verifier address
         self._discovery: asyncio.Task | None = None
         self.max_len = 0
         self.eos_ids: frozenset[int] = frozenset()
         self.vocab_size = 0
 
     # ---- what the public API needs --------------------------------------------------------------------------------
-    def live_lanes(self) -> list[Engine]:
+    def live_lanes(self) -> list[Lane]:
         return [e for e in self.lanes.values() if not e.dead]
 
     def fits_ever(self, req: Request) -> bool:
@@ -63,13 +67,7 @@ class Router:
             raise QueueFull("no verifier replica is available")
         if sum(len(e.waiting) for e in lanes) >= self.cfg.max_queue:
             raise QueueFull(f"queue full ({self.cfg.max_queue} waiting requests)")
-        lane = min(lanes, key=lambda e: e.load)
-        req.lane = lane
-        lane.submit(req)
-
-    def cancel(self, req: Request) -> None:
-        if getattr(req, "lane", None) is not None:
-            req.lane.cancel(req)
+        min(lanes, key=lambda e: e.load).submit(req)
 
     # ---- replicas -------------------------------------------------------------------------------------------------
     async def _connect(self, pool: dict[str, ModelClient], address: str, kind: str, timeout_s: float):
@@ -93,9 +91,7 @@ class Router:
         if drafter is not None and drafter.info.tokenizer_digest != verifier.info.tokenizer_digest:
             raise SystemExit("drafter and verifier models use different vocabularies")
         transport = await negotiate(drafter, verifier, self.cfg.transport) if drafter else "inline"
-        lane = Engine(self.cfg, verifier, drafter, transport)
-        lane.on_verifier_lost = self._evacuate
-        lane.find_drafter = self._find_drafter
+        lane = Lane(self.cfg, verifier, drafter, transport, replicas=self)
         self.lanes[verifier.address] = lane
         self.max_len = lane.max_len if not self.max_len else min(self.max_len, lane.max_len)
         self.eos_ids = lane.eos_ids
@@ -142,28 +138,20 @@ class Router:
                     await self._add_lane(await self._connect(self.verifiers, address, "verifier", 60))
                 for address in set(self.verifiers) - v:
                     lane = self.lanes.get(address)
-                    if lane is not None and not lane.dead and not lane.evacuate_requested:
+                    if lane is not None and not lane.dead and not lane.evacuating:
                         log.info("verifier replica %s is gone from DNS", address)
-                        lane.evacuate_requested = True  # the lane moves its requests between two ticks
-                        lane.wake.set()
+                        lane.request_evacuation()  # the lane moves its requests between two ticks
             except (TimeoutError, ServiceError, grpc.aio.AioRpcError, OSError) as exc:
                 log.warning("replica discovery: %s", exc)
 
-    async def _evacuate(self, lane: Engine) -> bool:
-        """Move a lane's requests to the least-loaded other live lane; False if there is none."""
+    async def rehome(self, lane: Lane) -> bool:
+        """Move a lane's requests to the least-loaded other live lanes; False if there is none."""
         others = [e for e in self.live_lanes() if e is not lane]
         if not others:
             return False
-        reqs = lane.evacuate()
-        if lane.drafter is not None and lane.drafter_up:
-            try:  # free what the drafter still holds for them; best effort (its session end frees it too)
-                await lane._flush_releases()
-            except ServiceError:
-                pass
+        reqs = await lane.hand_over()
         for r in reqs:
-            target = min(others, key=lambda e: e.load)
-            r.lane = target
-            target.adopt([r])
+            min(others, key=lambda e: e.load).adopt([r])
         address = lane.verifier.address
         self.lanes.pop(address, None)
         client = self.verifiers.pop(address, None)
@@ -172,7 +160,7 @@ class Router:
             await client.close()
         return True
 
-    async def _find_drafter(self, lane: Engine) -> ModelClient:
+    async def find_drafter(self, lane: Lane) -> ModelClient:
         """A lane whose drafter died takes any healthy drafter replica (waiting for one if none is)."""
         while True:
             for client in sorted(self.drafters.values(), key=lambda c: c is lane.drafter):
