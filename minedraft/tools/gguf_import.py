@@ -15,12 +15,15 @@ How a GGUF differs from an HF checkpoint, apart from quantization:
   the interleaved one its kernel uses, where rows 2r and 2r+1 pair. unpermute_rows undoes it. qwen2 and qwen3 files
   keep HF's layout;
 - dimensions are listed innermost first; the gguf reader already hands out numpy arrays in HF's (rows, cols) order;
-- the config: transformers rebuilds one from the metadata (AutoConfig.from_pretrained(dir, gguf_file=...)) but misses
-  a few things, which config_overrides takes from the file itself: qwen3's head_dim (not read: the class default,
-  128, is used), the sliding window (absent in the file = full attention, as llama.cpp runs it; MistralConfig would
-  default to 4096), llama3 RoPE scaling (stored as a `rope_freqs` tensor of per-frequency factors, not as
-  metadata; transformers ignores it), and epsilons stored as float32 (1e-6 reads back as 9.99999997e-07).
-  The config is then checked against every tensor's shape, so a wrong field fails here, not at serving time.
+- the config: transformers' GGUF key table (the one AutoConfig.from_pretrained(dir, gguf_file=...) applies) maps
+  the metadata to config fields but misses a few things, which config_overrides takes from the file itself: qwen3's
+  head_dim (attention.key_length is not read, so the class default, 128, would be used), Mistral (a llama-arch file;
+  transformers reads it as Llama) and its sliding window (absent in the file = full attention, as llama.cpp runs
+  it; MistralConfig would default to 4096), llama3 RoPE scaling (stored as a `rope_freqs` tensor of per-frequency
+  factors, not as metadata; transformers ignores it), and epsilons stored as float32 (1e-6 reads back as
+  9.99999997e-07). The config is then checked against every tensor's shape and the file's RoPE frequencies, so a
+  wrong field fails here, not at serving time. The tokenizer is transformers' own from the file
+  (AutoTokenizer.from_pretrained(dir, gguf_file=...)).
 
 Memory: the reader memory-maps the file, and model.safetensors is written as we go (its header first: every size is
 known from the tensor table), dequantizing a chunk of rows at a time. The peak is a chunk plus one q/k matrix, not
@@ -55,9 +58,6 @@ _LAYER_NAMES = {
     "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
 }
-_SHARED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                  "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "bos_token_id", "eos_token_id",
-                  "pad_token_id", "tie_word_embeddings")  # the Llama-family fields every config class shares
 ROPE_FREQS = "rope_freqs.weight"  # llama3 RoPE factors: read into the config, not a weight
 
 
@@ -352,20 +352,29 @@ def write_safetensors(path: Path, reader, plans: list[TensorPlan], dtype_flag: s
     return written
 
 
-def build_config(gguf_path: Path, meta: dict, plans: list[TensorPlan], factors: np.ndarray | None,
-                 dtype_flag: str):
-    """transformers' config from the metadata, corrected by config_overrides, checked against the tensor shapes
+def transformers_fields(meta: dict) -> dict:
+    """Config fields from the metadata through transformers' own GGUF key table (what AutoConfig.from_pretrained(
+    dir, gguf_file=...) applies; that call re-parses the whole file in Python, ~30 s for a 150k vocabulary, so the
+    table is applied to the metadata already read). rope_theta is left to rope_parameters."""
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    arch = meta["general.architecture"]
+    fields = {}
+    for section in (arch, "tokenizer"):
+        for key, name in GGUF_CONFIG_MAPPING[section].items():
+            if name is not None and name != "rope_theta" and f"{section}.{key}" in meta:
+                fields[name] = meta[f"{section}.{key}"]
+    return fields
+
+
+def build_config(meta: dict, plans: list[TensorPlan], factors: np.ndarray | None, dtype_flag: str):
+    """The transformers config: its GGUF key table, corrected by config_overrides, checked against the tensor shapes
     and against the RoPE frequencies the file implies."""
     from transformers import AutoConfig
 
-    cfg = AutoConfig.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, local_files_only=True)
-    model_type = model_type_of(meta)
-    if cfg.model_type != model_type:  # a Mistral file read as Llama: same fields, other class
-        fields = cfg.to_dict()
-        cfg = AutoConfig.for_model(model_type, **{k: fields[k] for k in _SHARED_FIELDS if k in fields})
     shapes = {p.hf_name: p.shape for p in plans}
-    for key, value in config_overrides(meta, shapes, factors).items():
-        setattr(cfg, key, value)
+    fields = transformers_fields(meta) | config_overrides(meta, shapes, factors)
+    cfg = AutoConfig.for_model(model_type_of(meta), **fields)
     cfg.dtype = DTYPES[dtype_flag][2]
     cfg.architectures = [type(cfg).__name__.replace("Config", "ForCausalLM")]
     check_shapes(cfg, plans)
@@ -417,7 +426,7 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "bf16",
     arch = check_architecture(meta)
     plans = plan_tensors(reader, meta)
     factors = rope_factors(reader)
-    cfg = build_config(gguf_path, meta, plans, factors, dtype)
+    cfg = build_config(meta, plans, factors, dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, local_files_only=True)
     n_params = sum(math.prod(p.shape) for p in plans)
     log(f"{gguf_path.name}: {meta.get('general.name', '?')} ({arch} -> {cfg.model_type}, {cfg.num_hidden_layers} "
