@@ -106,12 +106,15 @@ def _info(args) -> int:
 
 
 def main(argv=None) -> int:
+    from minedraft.config import ROLES
+
+    router = f"127.0.0.1:{ROLES['router'].port}"
     p = argparse.ArgumentParser(prog="minedraft", description="batch-parallel speculative decoding over gRPC")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     up = sub.add_parser("up", help="run drafter, verifier and router as local processes (Ctrl-C stops)")
     up.add_argument("--mode", choices=["ar", "sd", "psd"], default="psd")
-    up.add_argument("--port", type=int, default=50051, help="public gRPC port")
+    up.add_argument("--port", type=int, default=ROLES["router"].port, help="public gRPC port")
     up.add_argument("--host", default="127.0.0.1", help="address the router listens on")
     up.add_argument("--target", default="", help="target checkpoint directory (default: the demo target)")
     up.add_argument("--draft", default="", help="draft checkpoint directory (default: the demo draft)")
@@ -125,7 +128,7 @@ def main(argv=None) -> int:
 
     gen = sub.add_parser("generate", help="send one prompt and stream the answer")
     gen.add_argument("prompt")
-    gen.add_argument("--address", default="127.0.0.1:50051")
+    gen.add_argument("--address", default=router)
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--top-p", type=float, default=1.0)
@@ -139,7 +142,7 @@ def main(argv=None) -> int:
     gen.set_defaults(fn=_generate)
 
     info = sub.add_parser("info", help="what the router serves")
-    info.add_argument("--address", default="127.0.0.1:50051")
+    info.add_argument("--address", default=router)
     for cmd in (gen, info):
         cmd.add_argument("--ca", default="", help="connect with TLS, verifying the router against this PEM CA file")
         cmd.add_argument("--token", default=os.environ.get("MINEDRAFT_TOKEN", ""),

@@ -237,7 +237,7 @@ def _text(rng: random.Random, n: int) -> str:
 
 def random_request(rng: random.Random) -> bytes:
     """A well-formed GenerateRequest; each field is usually valid and sometimes drawn from the edge of its domain,
-    so that about a quarter of these requests are valid and reach the engine."""
+    so that about a quarter of these requests are valid and reach a lane."""
     def pick(valid, edge):
         return rng.choice(edge) if rng.random() < 0.15 else rng.choice(valid)
 
@@ -264,7 +264,7 @@ def random_request(rng: random.Random) -> bytes:
 
 def test_fuzz_public_api(cluster, channel):
     """Seeded fuzz, half byte-level mutations of valid requests (mostly exercising parsing), half well-formed
-    requests with values from the edges of each field's domain (exercising validation and the engine). Every call
+    requests with values from the edges of each field's domain (exercising validation and the lanes). Every call
     must end with OK, INVALID_ARGUMENT or RESOURCE_EXHAUSTED; anything else (UNKNOWN/INTERNAL from an unhandled
     exception, UNAVAILABLE from a crash, DEADLINE_EXCEEDED from a hang) fails with the input that caused it."""
     seeds = [
@@ -289,7 +289,7 @@ def test_fuzz_public_api(cluster, channel):
     print(f"\nfuzz: {FUZZ_ITERATIONS} iterations (seed {FUZZ_SEED}): {dict(counts)}; {by_kind}")
     bad = [(m, p.hex(), code.name, details) for (m, p), (code, details) in zip(inputs, results) if code not in allowed]
     assert not bad, f"unexpected statuses (method, payload hex, status, details): {bad[:5]}"
-    assert counts["OK"] > 0 and counts["INVALID_ARGUMENT"] > 0  # the fuzz reaches both the engine and validation
+    assert counts["OK"] > 0 and counts["INVALID_ARGUMENT"] > 0  # the fuzz reaches both the lanes and validation
     assert cluster.procs["router"].poll() is None, "router died"
     code, _ = call(channel, GENERATE, GOOD)
     assert code == OK

@@ -65,14 +65,14 @@ def prompts():
     return [tok.encode(chat(t), add_special_tokens=False) for t in texts]
 
 
-def make_engine(services, mode="psd", **cfg):
+def make_lane(services, mode="psd", **cfg):
     d, v = services
     return Lane(RouterConfig(mode=mode, num_speculative_tokens=3, **cfg), InProcessClient(v, "verifier"),
                 InProcessClient(d, "drafter") if mode != "ar" else None, "inline", trace=Trace(keep=True))
 
 
-def request_for(engine, i, ids, n, params=SamplingParams(), ignore_eos=True):
-    seq = Sequence(f"r{i}", list(ids), params, n, engine.max_len, engine.eos_ids, ignore_eos)
+def request_for(lane, i, ids, n, params=SamplingParams(), ignore_eos=True):
+    seq = Sequence(f"r{i}", list(ids), params, n, lane.max_len, lane.eos_ids, ignore_eos)
     return Request(seq=seq, sampling=common_pb2.SamplingOptions(temperature=params.temperature))
 
 
@@ -88,14 +88,14 @@ async def drain(req):
             raise value
 
 
-async def run_all(engine, reqs):
-    engine.start()
+async def run_all(lane, reqs):
+    lane.start()
     try:
         for r in reqs:
-            engine.submit(r)
+            lane.submit(r)
         return await asyncio.gather(*(drain(r) for r in reqs))
     finally:
-        await engine.stop()
+        await lane.stop()
 
 
 def assert_kv_free(services):
@@ -105,17 +105,17 @@ def assert_kv_free(services):
 
 @pytest.mark.parametrize("mode", ["psd", "sd", "ar"])
 def test_lossless_and_schedule(services, prompts, mode):
-    engine = make_engine(services, mode)
+    lane = make_lane(services, mode)
     budgets = [12, 20, 7, 16, 9, 25]
-    reqs = [request_for(engine, i, p, n) for i, (p, n) in enumerate(zip(prompts, budgets))]
-    results = asyncio.run(run_all(engine, reqs))
+    reqs = [request_for(lane, i, p, n) for i, (p, n) in enumerate(zip(prompts, budgets))]
+    results = asyncio.run(run_all(lane, reqs))
     target = services[1].runner
-    expected = reference_generate(target, make_sequences(prompts, SamplingParams(), budgets, engine.max_len,
+    expected = reference_generate(target, make_sequences(prompts, SamplingParams(), budgets, lane.max_len,
                                                          ignore_eos=True))
     assert [toks for toks, _ in results] == [s.output for s in expected]
     assert all(reason == "length" for _, reason in results)
 
-    rec = engine.trace.records
+    rec = lane.trace.records
     ticks = [r for r in rec if r["kind"] == "tick"]
     by_tick = {t["tick"]: [r["kind"] for r in rec if r["kind"] in ("draft", "verify") and r["tick"] == t["tick"]]
                for t in ticks}
@@ -142,39 +142,39 @@ def test_lossless_and_schedule(services, prompts, mode):
 
 
 def test_batch_limit_and_queue_limit(services, prompts):
-    engine = make_engine(services, "psd", max_batch_size=1, max_queue=3)
-    reqs = [request_for(engine, i, prompts[i], 6) for i in range(5)]
+    lane = make_lane(services, "psd", max_batch_size=1, max_queue=3)
+    reqs = [request_for(lane, i, prompts[i], 6) for i in range(5)]
 
     async def go():
-        engine.start()
+        lane.start()
         try:
             for r in reqs[:3]:
-                engine.submit(r)
-            with pytest.raises(QueueFull):  # nothing admitted yet: the engine has not run
+                lane.submit(r)
+            with pytest.raises(QueueFull):  # nothing admitted yet: the lane has not run
                 for r in reqs[3:]:
-                    engine.submit(r)
+                    lane.submit(r)
             await asyncio.sleep(0)
             outs = await asyncio.gather(*(drain(r) for r in reqs[:3]))
             return outs
         finally:
-            await engine.stop()
+            await lane.stop()
 
     outs = asyncio.run(go())
     assert [len(t) for t, _ in outs] == [6, 6, 6]
-    sizes = [(t["verify_batch"], t["draft_batch"]) for t in engine.trace.records if t["kind"] == "tick"]
+    sizes = [(t["verify_batch"], t["draft_batch"]) for t in lane.trace.records if t["kind"] == "tick"]
     assert max(a for a, _ in sizes) <= 1 and max(b for _, b in sizes) <= 1
     assert_kv_free(services)
 
 
 def test_cancel_frees_both_services(services, prompts):
-    engine = make_engine(services, "psd")
-    reqs = [request_for(engine, i, prompts[i], 400) for i in range(4)]
+    lane = make_lane(services, "psd")
+    reqs = [request_for(lane, i, prompts[i], 400) for i in range(4)]
 
     async def go():
-        engine.start()
+        lane.start()
         try:
             for r in reqs:
-                engine.submit(r)
+                lane.submit(r)
             first = await reqs[0].events.get()
             assert first[0] == "tokens"
             for r in reqs:
@@ -184,24 +184,24 @@ def test_cancel_frees_both_services(services, prompts):
                 while (ev := await r.events.get())[0] != "done":
                     pass
                 reasons.append(ev[1])
-            while engine.running or engine.releases:
+            while lane.running or lane.releases:
                 await asyncio.sleep(0.01)
             await asyncio.sleep(0.05)
             return reasons
         finally:
-            await engine.stop()
+            await lane.stop()
 
     assert asyncio.run(go()) == ["cancelled"] * 4
     assert_kv_free(services)
 
 
 def test_sampled_requests_carry_draft_probabilities(services, prompts):
-    engine = make_engine(services, "psd")
+    lane = make_lane(services, "psd")
     params = SamplingParams(temperature=0.8, top_p=0.9, seed=11)
-    reqs = [request_for(engine, i, prompts[i], 15, params) for i in range(4)]
+    reqs = [request_for(lane, i, prompts[i], 15, params) for i in range(4)]
     for r in reqs:
         r.sampling = common_pb2.SamplingOptions(temperature=0.8, top_p=0.9, seed=11)
-    results = asyncio.run(run_all(engine, reqs))
+    results = asyncio.run(run_all(lane, reqs))
     assert all(len(t) == 15 for t, _ in results)
     assert sum(r.seq.drafted for r in reqs) > 0
     # Same prompt + seed in one batch would give the same tokens; different prompts need not.
@@ -215,31 +215,31 @@ def test_cancelling_one_sampled_request_leaves_its_batch_mates_intact(services, 
     d, v = services
     v.importer.trust(d.instance_id)  # what transport negotiation does
 
-    def engine_and_requests():
-        engine = make_engine(services, "psd")
-        engine.transport = "shm"
+    def lane_and_requests():
+        lane = make_lane(services, "psd")
+        lane.transport = "shm"
         reqs = []
         for i in range(4):
             params = SamplingParams(temperature=0.9, seed=100 + i)
-            seq = Sequence(f"c{i}", list(prompts[i]), params, 60, engine.max_len, engine.eos_ids, True)
+            seq = Sequence(f"c{i}", list(prompts[i]), params, 60, lane.max_len, lane.eos_ids, True)
             reqs.append(Request(seq=seq, sampling=common_pb2.SamplingOptions(temperature=0.9, seed=100 + i)))
-        return engine, reqs
+        return lane, reqs
 
-    engine, reqs = engine_and_requests()
-    clean = asyncio.run(run_all(engine, reqs))
+    lane, reqs = lane_and_requests()
+    clean = asyncio.run(run_all(lane, reqs))
 
     async def cancel_one():
-        engine, reqs = engine_and_requests()
-        engine.start()
+        lane, reqs = lane_and_requests()
+        lane.start()
         try:
             for r in reqs:
-                engine.submit(r)
+                lane.submit(r)
             for _ in range(3):  # a few ticks in, while drafts are in flight
                 assert (await reqs[0].events.get())[0] == "tokens"
             reqs[0].cancel()
             return await asyncio.gather(*(drain(r) for r in reqs[1:]))
         finally:
-            await engine.stop()
+            await lane.stop()
 
     assert asyncio.run(cancel_one()) == clean[1:]
     assert not leftover_segments(d.instance_id)

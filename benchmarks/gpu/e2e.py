@@ -12,7 +12,7 @@ on two batches at once, so a PSD step costs ~max(T_d, T_v) where SD pays T_d + T
 One GPU time-slices two processes (no MPS), so a psd run with both models on one GPU cannot show this overlap; the
 number is a prediction for two devices, not a measurement.
 
-Run through run_all.py; `python e2e.py ARGS` is run_all.py ARGS --only e2e.
+Run through run_all.py (`run_all.py ARGS --only e2e`), which imports this module.
 """
 
 from __future__ import annotations
@@ -191,9 +191,3 @@ def run_e2e(target, draft, pair: str, variant: dict, *, batch: int, prompt_len: 
         results.data["checks"][key + " acceptance ~ dial"] = bool(row["acceptance_ok"])
     results.save()
     return row
-
-
-if __name__ == "__main__":
-    import run_all
-
-    sys.exit(run_all.main(sys.argv[1:] + ["--only", "e2e"]))

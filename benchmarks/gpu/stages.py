@@ -15,8 +15,8 @@ repeat sees the same context. Median of --repeats after --warmup calls. Counts c
 after every timing of the run): 2 warm-up calls, one call under torch.profiler, one under
 torch.cuda.set_sync_debug_mode('warn').
 
-Run through run_all.py (it builds the models, measures bandwidth and writes the results); `python stages.py ARGS` is
-run_all.py ARGS --only stages.
+Run through run_all.py (it builds the models, measures bandwidth and writes the results): `run_all.py ARGS --only
+stages`.
 """
 
 from __future__ import annotations
@@ -192,9 +192,3 @@ def run_model_stages(model, name: str, role: str, variants: list[dict], batches:
                     pass
             runner = fn = None  # the stage closures hold the runner: drop them too before the next one is built
             free_memory(device)
-
-
-if __name__ == "__main__":
-    import run_all
-
-    sys.exit(run_all.main(sys.argv[1:] + ["--only", "stages"]))

@@ -143,7 +143,7 @@ def markdown(res: dict, command: str = "", notes: str = "") -> str:
     out += ["", "Shares of the measured wall time, from the router's trace. The bound describes full-batch decode "
                 "only; prefill and the drain cost psd and sd about the same absolute time, so the larger their share, "
                 "the further the whole-run ratio falls below the steady-state one. rest: time with no tick running "
-                "(client and stream latency, the engine between ticks)."]
+                "(client and stream latency, the lane between ticks)."]
     out += ["", f"## Isolated stage timings (context: {res['stage_context']}; 1 torch thread, median)", ""]
     out += _table(["draft", "k", "batch", "context mean/max", "T_draft ms", "T_verify ms", "T_d/T_v", "ideal bound"],
                   [[Path(s["draft_dir"]).name, str(s["k"]), str(s["batch"]),

@@ -119,7 +119,7 @@ def summarize(ticks: list[Tick], batch_filter: int | None = None) -> dict:
         vals = [getattr(c, attr) if attr != "dur" else c.end - c.start for t in sel for c in t.calls if c.kind == kind]
         return 1e3 * sum(vals) / len(vals) if vals else 0.0
 
-    # Time between one tick's end and the next one's start: the engine loop's reap/admit work (or idling, under
+    # Time between one tick's end and the next one's start: the lane loop's reap/admit work (or idling, under
     # light online load, hence the median).
     gaps = sorted(b.t - (a.t + a.dur) for a, b in zip(ticks, ticks[1:]))
     gap = gaps[len(gaps) // 2] if gaps else 0.0

@@ -27,6 +27,9 @@ class SequenceSlots:
 
 
 class PagedKVCache:
+    """Fixed-size blocks of K/V for every layer in one tensor, a block table per sequence, and a free list; a
+    sequence grows or shrinks by whole blocks, so rollback is setting its length."""
+
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_blocks: int, block_size: int,
                  dtype: torch.dtype, device: torch.device):
         self.block_size = block_size

@@ -45,6 +45,8 @@ class StepOutput:
 
 
 class ModelRunner:
+    """One model and its paged KV cache, stepped by lists of Extend items; knows nothing of drafts or requests."""
+
     def __init__(self, model: CausalLM, max_cached_tokens: int, block_size: int = 16, attention: str = "auto",
                  cuda_graphs: bool = False):
         a = model.arch

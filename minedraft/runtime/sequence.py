@@ -16,6 +16,9 @@ from minedraft.runtime.sampling import SamplingParams
 
 @dataclass
 class Sequence:
+    """One request's committed tokens and how many of them each model's cache holds; the starts of every step
+    follow from it."""
+
     seq_id: str
     prompt: list[int]
     params: SamplingParams

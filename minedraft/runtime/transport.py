@@ -1,6 +1,6 @@
 """Moving tensors (draft probabilities) from the drafter to the verifier without pushing them through gRPC.
 
-Three paths, picked per deployment by a probe (see services/router/transport_negotiation): CUDA IPC when both
+Three paths, picked per deployment by a probe (the router's services/router/negotiation.py): CUDA IPC when both
 services share a GPU host, a named POSIX shared-memory segment when they share /dev/shm, inline bytes otherwise.
 
 Handles are capabilities. The producer writes a random token into the segment header and hands it out only in the

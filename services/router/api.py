@@ -1,6 +1,6 @@
-"""The public Generation service: validates and tokenizes requests, hands them to the engine, and turns accepted
-tokens into text (streamed or whole). Every way a call can end (done, stop string, client cancel, deadline, engine
-failure) cancels the engine request, which frees its KV on both services."""
+"""The public Generation service: validates and tokenizes requests, hands them to the replica pool (which puts each
+on a lane), and turns accepted tokens into text (streamed or whole). Every way a call can end (done, stop string,
+client cancel, deadline, lane failure) cancels the request, which frees its KV on both services."""
 
 from __future__ import annotations
 

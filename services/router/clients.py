@@ -41,6 +41,9 @@ def internal_credentials(cfg) -> grpc.ChannelCredentials | None:
 
 
 class ModelClient:
+    """The router's handle on one replica. Steps share one Session stream and go out strictly one at a time (a
+    lock), each answered in order; any transport failure becomes a ServiceError with `lost` set."""
+
     def __init__(self, address: str, kind: str, max_message_mb: int = 64, timeout_s: float = 120.0,
                  credentials: grpc.ChannelCredentials | None = None, server_name: str = ""):
         self.address, self.kind, self.timeout_s = address, kind, timeout_s

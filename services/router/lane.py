@@ -50,7 +50,9 @@ class Replicas(Protocol):
 
 
 class Lane:
-    """The per-verifier engine: admission into two batches, the tick loop, fault recovery, pending releases."""
+    """Everything one verifier replica serves: admission into two batches, the tick loop, fault recovery and what is
+    still owed to the services (PendingReleases). The pool reaches it through `submit`, `adopt`, `request_evacuation`
+    and `hand_over` only."""
 
     def __init__(self, cfg: RouterConfig, verifier: ModelClient, drafter: ModelClient | None, transport: str,
                  replicas: Replicas | None = None, trace: Trace | None = None):

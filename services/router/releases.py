@@ -13,6 +13,8 @@ from minedraft.v1 import common_pb2, model_service_pb2 as pb
 
 @dataclass
 class PendingReleases:
+    """Owed to the verifier (sequences, discards) and to the drafter (sequences, buffers); taken by the next step."""
+
     verifier_seqs: list[str] = field(default_factory=list)  # sequences to free on the verifier
     drafter_seqs: list[str] = field(default_factory=list)  # sequences to free on the drafter
     drafter_buffers: list[str] = field(default_factory=list)  # drafter buffers the verifier has read

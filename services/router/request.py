@@ -40,6 +40,9 @@ class PendingDraft:
 
 @dataclass(eq=False)
 class Request:
+    """A lane's view of one client request: its Sequence, its sampling options as the services get them, the queue
+    its events go out on, and its pending draft."""
+
     seq: Sequence
     sampling: common_pb2.SamplingOptions
     events: asyncio.Queue = field(default_factory=asyncio.Queue)  # ("tokens", [ids]) | ("done", reason) | ("error", exc)

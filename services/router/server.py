@@ -1,5 +1,5 @@
 """Router process: connect to the model services (health-gated), check they form a valid pair, negotiate the tensor
-transport, start the engine, and serve the public Generation API (optionally over TLS, behind a bearer token)."""
+transport, start a lane per verifier, and serve the public Generation API (optionally over TLS, behind a bearer token)."""
 
 from __future__ import annotations
 

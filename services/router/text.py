@@ -17,6 +17,8 @@ from tokenizers.decoders import DecodeStream
 
 
 class TextStream:
+    """One response's text: fed token ids as the lane accepts them, it releases text with the ids it decodes from."""
+
     def __init__(self, tokenizer, stop: list[str]):
         self._backend = tokenizer.backend_tokenizer  # a fast (Rust) tokenizer: every Llama-family checkpoint has one
         self._decoder = DecodeStream(skip_special_tokens=True)

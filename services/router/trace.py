@@ -10,6 +10,8 @@ import time
 
 
 class Trace:
+    """A lane's step log: one record per service call and per tick."""
+
     def __init__(self, path: str = "", keep: bool = False):
         self._file = open(path, "a", buffering=1) if path else None
         self.records: list[dict] | None = [] if keep else None  # in memory, for tests
