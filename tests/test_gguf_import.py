@@ -226,6 +226,11 @@ def test_unsupported_architecture_and_type_are_named(tmp_path):
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
     with pytest.raises(GGUFImportError, match="token_embd.weight: tensor type I32"):
         import_gguf(tmp_path / "i32.gguf", tmp_path / "out", progress=False, log=lambda *_: None)
+    w = gguf.GGUFWriter(str(tmp_path / "bare.gguf"), "qwen2")
+    w.add_tensor("token_embd.weight", np.zeros((4, 4), np.float32))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    with pytest.raises(GGUFImportError, match="metadata 'qwen2.attention.head_count' missing"):
+        import_gguf(tmp_path / "bare.gguf", tmp_path / "out", progress=False, log=lambda *_: None)
     (tmp_path / "junk.gguf").write_bytes(b"GGML" + bytes(60))
     with pytest.raises(GGUFImportError, match="not a readable GGUF"):
         import_gguf(tmp_path / "junk.gguf", tmp_path / "out", progress=False, log=lambda *_: None)

@@ -174,14 +174,14 @@ def model_type_of(meta: dict) -> str:
 def config_overrides(meta: dict, shapes: dict[str, tuple[int, ...]], rope_factors: np.ndarray | None) -> dict:
     """Config fields taken from the file itself, where transformers' GGUF config reading misses or rounds them."""
     arch = meta["general.architecture"]
-    n_heads = int(meta[f"{arch}.attention.head_count"])
+    n_heads = int(required(meta, f"{arch}.attention.head_count"))
     q_rows = shapes["model.layers.0.self_attn.q_proj.weight"][0]
     head_dim = meta.get(f"{arch}.attention.key_length") or q_rows // n_heads
     out = {
         "head_dim": int(head_dim),
         "vocab_size": shapes["model.embed_tokens.weight"][0],
         "tie_word_embeddings": "lm_head.weight" not in shapes,
-        "rms_norm_eps": float32_decimal(meta[f"{arch}.attention.layer_norm_rms_epsilon"]),
+        "rms_norm_eps": float32_decimal(required(meta, f"{arch}.attention.layer_norm_rms_epsilon")),
         "rope_parameters": rope_parameters(meta, int(head_dim), rope_factors),
     }
     if model_type_of(meta) == "mistral":  # absent = full attention, as llama.cpp runs it (MistralConfig: 4096)
@@ -238,6 +238,12 @@ def open_gguf(path: Path):
         raise GGUFImportError(f"{path}: not a readable GGUF file ({exc})") from exc
 
 
+def required(meta: dict, key: str):
+    if key not in meta:
+        raise GGUFImportError(f"metadata {key!r} missing (needed to rebuild the config)")
+    return meta[key]
+
+
 def check_architecture(meta: dict) -> str:
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHS:
@@ -266,7 +272,7 @@ def plan_tensors(reader, meta: dict) -> list[TensorPlan]:
     from gguf import GGMLQuantizationType
 
     arch = meta["general.architecture"]
-    n_heads = int(meta[f"{arch}.attention.head_count"])
+    n_heads = int(required(meta, f"{arch}.attention.head_count"))
     n_kv_heads = int(meta.get(f"{arch}.attention.head_count_kv", n_heads))
     plans = []
     for t in reader.tensors:
