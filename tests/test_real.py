@@ -35,8 +35,8 @@ def real_pair() -> tuple[Path, Path]:
 
 
 def _missing() -> str:
-    missing = [str(p) for p in real_pair() if not ((p / "config.json").is_file() and (p / "model.safetensors").is_file())]
-    return ", ".join(missing)
+    imported = lambda p: (p / "config.json").is_file() and (p / "model.safetensors").is_file()  # noqa: E731
+    return ", ".join(str(p) for p in real_pair() if not imported(p))
 
 
 REAL_TARGET, REAL_DRAFT = real_pair()
