@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 
 
 def _up(args) -> int:
     from minedraft.launcher import Cluster
+    from minedraft.supervisor import GiveUp, RestartPolicy, Supervisor
 
     router_args = ["--num-speculative-tokens", str(args.k), "--max-batch-size", str(args.max_batch_size),
                    "--host", args.host]
     if args.trace_file:
         router_args += ["--trace-file", args.trace_file]
     cluster = Cluster(mode=args.mode, router_port=args.port, target=args.target, draft=args.draft,
-                      device=args.device, router_args=router_args, log_dir=args.log_dir)
+                      device=args.device, router_args=router_args, log_dir=args.log_dir,
+                      drain_timeout_s=args.drain_timeout_s)
     print(f"starting drafter, verifier and router ({args.mode}) ...", flush=True)
     t = time.monotonic()
     try:
@@ -24,20 +27,33 @@ def _up(args) -> int:
     except (RuntimeError, TimeoutError) as exc:
         print(f"start-up failed: {exc}", file=sys.stderr)
         return 1
-    print(f"ready in {time.monotonic() - t:.1f}s: gRPC on {args.host}:{cluster.router_port}\n"
+    pids = ", ".join(f"{role} {p.pid}" for role, p in sorted(cluster.procs.items()))
+    print(f"ready in {time.monotonic() - t:.1f}s: gRPC on {args.host}:{cluster.router_port} (pids: {pids})\n"
           f"  try:  minedraft generate \"Tell me about the sea\" --address 127.0.0.1:{cluster.router_port}\n"
-          "Ctrl-C stops everything.", flush=True)
+          "A process that exits is restarted; Ctrl-C stops everything.", flush=True)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill <pid>` stops as gracefully as Ctrl-C
+    supervisor = Supervisor(cluster, RestartPolicy(max_restarts=args.max_restarts),
+                            log=lambda msg: print(f"supervisor: {msg}", file=sys.stderr, flush=True))
     try:
-        while all(p.poll() is None for p in cluster.procs.values()):
-            time.sleep(0.5)
-        dead = [r for r, p in cluster.procs.items() if p.poll() is not None]
-        print(f"{', '.join(dead)} exited; stopping the rest", file=sys.stderr)
+        supervisor.run()
+    except GiveUp:
         return 1
     except KeyboardInterrupt:
-        print("\nstopping ...", flush=True)
+        print(f"\nstopping: the router finishes in-flight requests (up to {args.drain_timeout_s:.0f} s); "
+              "Ctrl-C again stops at once", flush=True)
+        try:
+            cluster.stop()
+        except KeyboardInterrupt:
+            cluster.stop(kill=True)
         return 0
     finally:
-        cluster.stop()
+        if cluster.procs:
+            cluster.stop(kill=True)
+    return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _channel(args):
@@ -92,17 +108,41 @@ def _generate(args) -> int:
 
 def _info(args) -> int:
     import grpc
+    from google.protobuf.json_format import MessageToJson
 
     from minedraft.v1 import generate_pb2 as gpb, generate_pb2_grpc
 
     ch, metadata = _channel(args)
     with ch:
         try:
-            print(generate_pb2_grpc.GenerationStub(ch).GetInfo(gpb.GetInfoRequest(), timeout=10, metadata=metadata))
+            info = generate_pb2_grpc.GenerationStub(ch).GetInfo(gpb.GetInfoRequest(), timeout=10, metadata=metadata)
         except grpc.RpcError as exc:
             print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
+    print(MessageToJson(info, preserving_proto_field_name=True) if args.json else format_info(args.address, info))
     return 0
+
+
+def format_info(address: str, info) -> str:
+    """GetInfo as a person reads it: what is served, then one row per replica."""
+    lines = [f"router {address}: {'SERVING' if info.serving else 'NOT SERVING'}; mode {info.mode}, "
+             f"k={info.num_speculative_tokens}, batch {info.max_batch_size} per in-flight batch, context "
+             f"{info.max_context}",
+             f"target {info.target_model}" + (f", draft {info.draft_model}" if info.draft_model else ""), ""]
+    head = ("replica", "role", "live", "KV blocks in use", "sequences", "lane: running", "waiting", "drafter",
+            "transport")
+    rows = [head]
+    for r in info.replicas:
+        kv = f"{r.kv_blocks_in_use}/{r.kv_blocks_total} ({100 * r.kv_blocks_in_use / max(r.kv_blocks_total, 1):.0f}%)"
+        lane = r.role == "verifier"
+        rows.append((r.address, r.role, "yes" if r.live else "NO", kv if r.live else "-",
+                     str(r.active_sequences) if r.live else "-", str(r.running) if lane else "",
+                     str(r.waiting) if lane else "", (r.drafter or "none") if lane else "",
+                     r.transport if lane else ""))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines += [f"  {r.address}: {r.error}" for r in info.replicas if not r.live and r.error]
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -112,7 +152,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="minedraft", description="batch-parallel speculative decoding over gRPC")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    up = sub.add_parser("up", help="run drafter, verifier and router as local processes (Ctrl-C stops)")
+    up = sub.add_parser("up", help="run drafter, verifier and router as local processes, restarting any that exits "
+                        "(Ctrl-C stops)")
     up.add_argument("--mode", choices=["ar", "sd", "psd"], default="psd")
     up.add_argument("--port", type=int, default=ROLES["router"].port, help="public gRPC port")
     up.add_argument("--host", default="127.0.0.1", help="address the router listens on")
@@ -124,6 +165,10 @@ def main(argv=None) -> int:
     up.add_argument("--log-dir", default="", help="write each service's log here instead of the terminal")
     up.add_argument("--trace-file", default="", help="JSON-lines step trace (for timeline plots)")
     up.add_argument("--timeout", type=float, default=300, help="seconds to wait for start-up")
+    up.add_argument("--drain-timeout-s", type=float, default=30.0, help="on Ctrl-C / SIGTERM, how long in-flight "
+                    "requests may take to finish before they are cancelled")
+    up.add_argument("--max-restarts", type=int, default=5, help="restarts of one process within 5 minutes before "
+                    "the supervisor gives up and stops everything")
     up.set_defaults(fn=_up)
 
     gen = sub.add_parser("generate", help="send one prompt and stream the answer")
@@ -141,8 +186,9 @@ def main(argv=None) -> int:
     gen.add_argument("--timeout", type=float, default=300)
     gen.set_defaults(fn=_generate)
 
-    info = sub.add_parser("info", help="what the router serves")
+    info = sub.add_parser("info", help="what the router serves, and each replica's liveness, KV use and queue")
     info.add_argument("--address", default=router)
+    info.add_argument("--json", action="store_true", help="the raw GetInfo answer as JSON")
     for cmd in (gen, info):
         cmd.add_argument("--ca", default="", help="connect with TLS, verifying the router against this PEM CA file")
         cmd.add_argument("--token", default=os.environ.get("MINEDRAFT_TOKEN", ""),

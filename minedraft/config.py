@@ -80,6 +80,7 @@ class RouterConfig:
     trace_file: str = ""  # write a JSON-lines trace of every step (for timeline plots)
     max_message_mb: int = 64  # gRPC message size limit
     rpc_timeout_s: float = 120.0  # a model-service step slower than this is treated as a failure
+    drain_timeout_s: float = 30.0  # on SIGTERM: refuse new requests, let in-flight ones finish this long, then cancel
     tls_cert: str = ""  # PEM certificate (chain) file for the public API; with --tls-key, serve TLS
     tls_key: str = ""  # PEM private key file of --tls-cert
     auth_token: str = ""  # bearer token the public API requires when set (prefer the environment variable)
@@ -96,6 +97,8 @@ class RouterConfig:
             raise ValueError(f"mode must be one of {MODES}, got {c.mode!r}")
         if c.num_speculative_tokens < 1 or c.max_batch_size < 1 or c.max_queue < 0:
             raise ValueError("num_speculative_tokens and max_batch_size must be >= 1, max_queue >= 0")
+        if c.drain_timeout_s < 0:
+            raise ValueError("drain_timeout_s must be >= 0")
         return c
 
 

@@ -1,6 +1,6 @@
 """Container health probe: exit 0 iff the gRPC health service on host:port answers SERVING, else 1.
 
-    python -m minedraft.healthcheck [--port N] [--host H] [--service NAME] [--timeout S]
+    python -m minedraft.healthcheck [--port N] [--host H] [--service NAME] [--timeout S] [--live]
 
 Used by the image's HEALTHCHECK (and usable as a Kubernetes exec probe). Runs every few seconds in every container,
 so it is kept tiny: it imports grpc and the health stubs only (not torch, not minedraft.v1).
@@ -72,11 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=0, help="default: detected (see the module docstring)")
     p.add_argument("--service", default="", help="health service name ('' = the whole server)")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds")
+    p.add_argument("--live", action="store_true", help="liveness instead of readiness: exit 0 for NOT_SERVING too "
+                   "(the process answers). The router is NOT_SERVING while no verifier is reachable or while it "
+                   "drains; restarting it then would only end its in-flight requests")
     args = p.parse_args(argv)
     port = args.port or detect_port()
     status = check(args.host, port, args.service, args.timeout)
     print(f"{args.host}:{port} {args.service or '(server)'}: {status}")
-    return 0 if status == "SERVING" else 1
+    return 0 if status == "SERVING" or (args.live and status == "NOT_SERVING") else 1
 
 
 if __name__ == "__main__":

@@ -83,6 +83,7 @@ class Cluster:
     public_tls: TLSFiles | None = None
     internal_tls: TLSFiles | None = None
     auth_token_file: str = ""
+    drain_timeout_s: float = 30.0  # the router's --drain-timeout-s: how long stop() lets in-flight requests finish
     extra_ports: dict[str, int] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     _spawned: dict[str, tuple[str, list[str]]] = field(default_factory=dict)
@@ -141,11 +142,22 @@ class Cluster:
         self._crashed.add(p.pid)
 
     def restart(self, role: str, timeout_s: float = 120.0) -> None:
-        """Start a killed service again on the same port, with the same flags, and wait until it serves."""
+        """Start a killed (or exited) service again on the same port, with the same flags, and wait until it serves.
+        What the old process left in /dev/shm is swept first."""
+        old = self.procs.get(role)
+        if old is not None and old.poll() is not None:
+            self._crashed.add(old.pid)
+            from minedraft.runtime.transport import sweep_orphans
+
+            sweep_orphans(only_pids={old.pid})
         module, args = self._spawned[role]
         proc = self._spawn(role, module, args)
         wait_serving(f"127.0.0.1:{self.port_of(role)}", timeout_s, proc,
                      credentials=self.credentials(role))
+
+    def exited(self) -> dict[str, int]:
+        """Roles whose process has exited, with its exit code (negative: killed by that signal)."""
+        return {role: p.returncode for role, p in self.procs.items() if p.poll() is not None}
 
     @staticmethod
     def _replica_roles(kind: str, n: int) -> list[str]:
@@ -175,7 +187,7 @@ class Cluster:
             r = self._spawn("router", "services.router", [
                 "--port", str(self.router_port), "--mode", self.mode, "--verifiers", addresses["verifiers"],
                 "--drafters", addresses["drafters"], *(["--tokenizer", self.target] if self.target else []),
-                *router_security, *self.router_args])
+                "--drain-timeout-s", str(self.drain_timeout_s), *router_security, *self.router_args])
             for role in verifiers + drafters:
                 wait_serving(f"127.0.0.1:{self.port_of(role)}", timeout_s, self.procs[role],
                              credentials=self.credentials("verifier"))
@@ -185,21 +197,23 @@ class Cluster:
             raise
         return self
 
-    def stop(self, timeout_s: float = 15.0) -> dict[str, int]:
-        """SIGTERM the router first (it frees what it holds on the services), then the services; SIGKILL
-        stragglers. Returns exit codes."""
+    def stop(self, timeout_s: float = 15.0, kill: bool = False) -> dict[str, int]:
+        """SIGTERM the router first (it drains: in-flight requests finish for up to drain_timeout_s, then it frees
+        what it holds on the services), then the services; SIGKILL stragglers (everyone at once with `kill`).
+        Returns exit codes."""
         codes = {}
         for role in ["router"] + sorted(r for r in self.procs if r != "router"):
             p = self.procs.get(role)
             if p is not None and p.poll() is not None:
                 self._crashed.add(p.pid)
             elif p is not None:
-                p.send_signal(signal.SIGTERM)
+                p.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
                 try:
-                    p.wait(timeout_s)
+                    p.wait(timeout_s + (self.drain_timeout_s if role == "router" else 0))
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait()
+                if kill or p.returncode == -signal.SIGKILL:
                     self._crashed.add(p.pid)
             if p is not None:
                 codes[role] = p.returncode

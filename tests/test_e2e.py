@@ -89,6 +89,28 @@ def test_stop_string(cluster, expected, tokenizer):
     wait_kv_free(cluster)
 
 
+def test_stop_string_cut_agrees_in_text_ids_and_usage(cluster, expected, tokenizer):
+    """Where a stop string cuts the output, text, token ids and usage describe the same output, unary and streamed:
+    the output ends with the last token that ends before the stop string (services/router/text.py)."""
+    full = tokenizer.decode(expected[2], skip_special_tokens=True)
+    stop = full[len(full) // 2:][1:5]  # most likely starts inside a token
+    if not stop.strip():
+        pytest.skip("reference continuation has no usable stop string")
+    req = gpb.GenerateRequest(prompt=chat(PROMPTS[2]), max_new_tokens=BUDGETS[2], stop=[stop])
+    stub = stub_for(cluster)
+    unary = stub.Generate(req, timeout=120)
+    msgs = list(stub.GenerateStream(req, timeout=120))
+    streamed_ids = [t for m in msgs for t in m.token_ids]
+    for text, ids, usage in ((unary.text, list(unary.token_ids), unary.usage),
+                             ("".join(m.text for m in msgs), streamed_ids, msgs[-1].usage)):
+        assert stop not in text and full.startswith(text)
+        assert ids == expected[2][:len(ids)]
+        assert tokenizer.decode(ids, skip_special_tokens=True) == text
+        assert usage.completion_tokens == len(ids)
+    assert unary.finish_reason == msgs[-1].finish_reason == gpb.FINISH_REASON_STOP_STRING
+    wait_kv_free(cluster)
+
+
 def test_cancellation_frees_kv(cluster):
     stub = stub_for(cluster)
     req = gpb.GenerateRequest(prompt=chat(PROMPTS[2]), max_new_tokens=1500, ignore_eos=True)

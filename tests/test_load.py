@@ -29,7 +29,7 @@ import pytest
 from minedraft.launcher import Cluster
 from minedraft.runtime.transport import leftover_segments
 from minedraft.v1 import common_pb2, generate_pb2 as gpb, generate_pb2_grpc
-from support import PROMPTS, chat, wait_kv_free
+from support import PROMPTS, chat, model_info, wait_kv_free
 
 pytestmark = pytest.mark.load
 
@@ -161,8 +161,6 @@ _baseline: list[dict] = []  # what the services held once the killed router was 
 
 def held(cluster: Cluster) -> dict[str, tuple[int, int, int]]:
     """(KV blocks, sequences, buffers) each service holds."""
-    from test_e2e import model_info
-
     return {r: (i.kv_blocks_in_use, i.active_sequences, i.live_buffers)
             for r in ("verifier", "drafter") for i in [model_info(cluster, r)]}
 

@@ -186,7 +186,7 @@ def test_failed_growth_drops_the_slot():
 @pytest.fixture
 def control():
     creator = secrets.token_hex(6)
-    block = transport._ControlBlock.create(f"minedraft-{creator}-1", 8)
+    block = transport._ControlBlock.create(transport.segment_name(creator, 1), 8)
     yield creator, block
     block.close()
     assert not leftover_segments(creator)
@@ -209,7 +209,7 @@ def test_control_block_is_shared_and_checked(control):
     with pytest.raises(TransportError, match="was not made by"):
         transport._ControlBlock.open(block.name, "0" * 12, block.token)
     with pytest.raises(TransportError, match="does not exist"):
-        transport._ControlBlock.open(f"minedraft-{creator}-2", creator, block.token)
+        transport._ControlBlock.open(transport.segment_name(creator, 2), creator, block.token)
     assert block.name not in sweep_orphans()  # its creator (us) is alive
     peer = transport._ControlBlock.open(block.name, creator, block.token)
     block.close()  # the producer frees its pool: a consumer's mapping of the (unlinked) block sees every slot retired
@@ -223,7 +223,7 @@ def cuda_ref(creator, block, **over) -> common_pb2.TensorRef:
     c = ref.cuda_ipc
     c.device, c.handle, c.storage_size_bytes = 7, b"h" * 64, 4096
     c.stride.extend([8, 1])
-    c.name, c.creator, c.buffer, c.generation = f"minedraft-{creator}-5", creator, f"{creator}-pool2", 9
+    c.name, c.creator, c.buffer, c.generation = transport.segment_name(creator, 5), creator, f"{creator}-pool2", 9
     c.slot, c.control, c.token = 2, block.name, block.token
     c.ready_event_handle, c.device_uuid = b"e" * 64, U0
     for k, v in over.items():

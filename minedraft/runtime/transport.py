@@ -42,8 +42,11 @@ log = logging.getLogger(__name__)
 SHM_DIR = Path("/dev/shm")
 SHM_PREFIX = "minedraft-"
 TOKEN_BYTES = 16
-_HEADER = 64  # token, creator pid, creator pid-namespace inode, padding (keeps the payload 64-byte aligned)
-_NAME_RE = re.compile(r"^minedraft-[0-9a-f]{12}-[0-9]+$")
+_HEADER = 64  # capability token, then padding (keeps the payload 64-byte aligned)
+# minedraft-<instance id>-<creator>-<n>, where <creator> = <pid>.<process start time>.<pid-namespace inode>: the name
+# itself says who made a segment, so a segment whose creator died is recognisable however early in its creation the
+# creator was killed (even before it wrote a byte), and a pid reused by another process does not pass for its creator.
+_NAME_RE = re.compile(r"^minedraft-[0-9a-f]{12}-([0-9]+)\.([0-9]+)\.([0-9]+)-[0-9]+$")
 
 
 class TransportError(ValueError):
@@ -65,31 +68,51 @@ def _pid_namespace() -> int:
         return 0
 
 
-def _alive(pid: int) -> bool:
+def _start_time(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot, /proc/PID/stat field 22); None if there is no such process
+    (or no /proc)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rpartition(")")[2].split()[19])  # fields after "pid (comm)", the 22nd overall
+
+
+def creator_tag(pid: int | None = None) -> str:
+    """<pid>.<start time>.<pid namespace> of this process (or of `pid`, in our namespace): part of every name we make."""
+    pid = os.getpid() if pid is None else pid
+    return f"{pid}.{_start_time(pid) or 0}.{_pid_namespace()}"
+
+
+def segment_name(instance_id: str, n: int, tag: str | None = None) -> str:
+    """The n-th name a producer makes (see _NAME_RE); `tag` defaults to this process's creator_tag()."""
+    return f"{SHM_PREFIX}{instance_id}-{tag or creator_tag()}-{n}"
+
+
+def _creator_dead(name: str) -> tuple[bool, int]:
+    """(is the segment's creator known to be dead, its pid). Only creators in our PID namespace can be judged."""
+    m = _NAME_RE.match(name)
+    if not m:
+        return False, 0
+    pid, started, ns = (int(x) for x in m.groups())
+    if ns != _pid_namespace() or not ns:
+        return False, pid
+    now = _start_time(pid)
+    return (now is None or (started != 0 and now != started)), pid
 
 
 def sweep_orphans(only_pids: set[int] | None = None) -> list[str]:
     """Unlink our segments whose creator died without cleaning up (kill -9), or only those of `only_pids` (dead
-    children of a supervisor). Only segments made in our own PID namespace are judged: a pid from another container
-    means nothing here."""
-    removed, ns = [], _pid_namespace()
+    children of a supervisor). Judged from the segment's name alone, so a half-made segment goes too."""
+    removed = []
     for name in leftover_segments():
-        try:
-            with open(SHM_DIR / name, "rb") as f:
-                header = f.read(_HEADER)
-            pid, creator_ns = struct.unpack_from("<QQ", header, TOKEN_BYTES)
-            if creator_ns == ns and ns and not _alive(pid) and (only_pids is None or pid in only_pids):
+        dead, pid = _creator_dead(name)
+        if dead and (only_pids is None or pid in only_pids):
+            try:
                 (SHM_DIR / name).unlink()
                 removed.append(name)
-        except (OSError, struct.error):
-            continue
+            except FileNotFoundError:
+                continue
     if removed:
         log.warning("removed %d shared-memory segments left by dead processes", len(removed))
     return removed
@@ -286,8 +309,7 @@ class BufferPool:
 
 
 class _ControlBlock:
-    """Per-pool shared-memory file: the shm segments' header (token, creator pid, pid namespace), a magic and the slot
-    count, then per slot two little-endian u64: the generation the producer last published in it and the generation
+    """Per-pool shared-memory file: the shm segments' header (the capability token), a magic and the slot count, then per slot two little-endian u64: the generation the producer last published in it and the generation
     a consumer last read from it. Each side writes only its own word (aligned 8-byte stores via numpy)."""
 
     MAGIC = b"MDCUDAP1"
@@ -316,7 +338,6 @@ class _ControlBlock:
             raise
         os.close(fd)
         m[:TOKEN_BYTES] = token
-        m[TOKEN_BYTES:TOKEN_BYTES + 16] = struct.pack("<QQ", os.getpid(), _pid_namespace())
         m[32:40] = cls.MAGIC
         m[40:44] = struct.pack("<I", slots)
         return cls(name, m, slots, token, owner=True)
@@ -402,6 +423,7 @@ class TensorExporter:
 
     def __init__(self, instance_id: str, max_live: int = 16):
         self.instance_id = instance_id
+        self._tag = creator_tag()
         self.max_live = max_live
         self._live: OrderedDict[str, object] = OrderedDict()  # name -> owner (shm path or _Lease of a CUDA buffer)
         self._counter = 0
@@ -429,7 +451,7 @@ class TensorExporter:
     def _next_name(self) -> str:
         with self._lock:
             self._counter += 1
-            return f"{SHM_PREFIX}{self.instance_id}-{self._counter}"
+            return segment_name(self.instance_id, self._counter, self._tag)
 
     def _remember(self, name: str, owner: object) -> None:
         evicted = []
@@ -442,16 +464,20 @@ class TensorExporter:
             self._destroy(old, old_owner)
 
     def _export_shm(self, t: torch.Tensor) -> common_pb2.SharedMemoryRef:
+        """A new segment: created empty under a name that says who made it (so a crash at any point below leaves
+        nothing the sweep cannot judge), sized, header then payload written, then announced."""
         name, token = self._next_name(), secrets.token_bytes(TOKEN_BYTES)
-        data = t.cpu().view(torch.uint8).numpy()
+        data = t.cpu().contiguous().view(torch.uint8).numpy()
         path = SHM_DIR / name
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
             os.ftruncate(fd, _HEADER + data.nbytes)
-            with mmap.mmap(fd, _HEADER + data.nbytes) as m:
-                m[:TOKEN_BYTES] = token
-                m[TOKEN_BYTES:TOKEN_BYTES + 16] = struct.pack("<QQ", os.getpid(), _pid_namespace())
-                m[_HEADER:] = data.tobytes()
+            os.pwrite(fd, token, 0)
+            if data.nbytes:
+                os.pwrite(fd, memoryview(data), _HEADER)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
         finally:
             os.close(fd)
         self._remember(name, path)

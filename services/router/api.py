@@ -18,7 +18,7 @@ from minedraft.runtime.sampling import SamplingParams
 from minedraft.runtime.sequence import Sequence
 from minedraft.v1 import generate_pb2 as gpb
 from services.router.replicas import ReplicaPool
-from services.router.request import QueueFull, Request
+from services.router.request import QueueFull, Request, Unavailable
 from services.router.text import TextStream
 
 log = logging.getLogger(__name__)
@@ -37,18 +37,18 @@ class GenerationServicer:
     `attach` makes it serve."""
 
     def __init__(self):
-        self.router: ReplicaPool | None = None
+        self.pool: ReplicaPool | None = None
 
-    def attach(self, router: ReplicaPool, tokenizer, info: gpb.ServerInfo) -> "GenerationServicer":
+    def attach(self, pool: ReplicaPool, tokenizer, info: gpb.ServerInfo) -> "GenerationServicer":
         self.tokenizer, self.info = tokenizer, info
         # No token is longer than this many characters, so a prompt longer than context x this cannot fit and is
         # refused before tokenizing it (which would take ~1 s per MB).
         self.max_token_chars = max(len(t) for t in tokenizer.get_vocab())
-        self.router = router
+        self.pool = pool
         return self
 
     async def _require_ready(self, context) -> None:
-        if self.router is None:
+        if self.pool is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "router is waiting for its model services")
 
     # ---- validation -----------------------------------------------------------------------------------------------
@@ -57,15 +57,15 @@ class GenerationServicer:
         if kind == "prompt":
             if not req.prompt:
                 raise InvalidRequest("prompt is empty")
-            if len(req.prompt) > self.router.max_len * self.max_token_chars:
+            if len(req.prompt) > self.pool.max_len * self.max_token_chars:
                 raise InvalidRequest(f"prompt of {len(req.prompt)} characters cannot fit the context of "
-                                     f"{self.router.max_len} tokens")
+                                     f"{self.pool.max_len} tokens")
             # Off the event loop: other requests keep streaming while a long prompt is tokenized.
             ids = await asyncio.get_running_loop().run_in_executor(
                 None, lambda: self.tokenizer.encode(req.prompt, add_special_tokens=False))
         elif kind == "prompt_ids":
             ids = list(req.prompt_ids.ids)
-            vocab = self.router.vocab_size
+            vocab = self.pool.vocab_size
             bad = [t for t in ids if not 0 <= t < vocab]
             if bad:
                 raise InvalidRequest(f"prompt_ids contains {len(bad)} ids outside the vocabulary [0, {vocab}), "
@@ -97,19 +97,19 @@ class GenerationServicer:
             raise InvalidRequest(f"stop: at most {MAX_STOP_STRINGS} non-empty strings of <= {MAX_STOP_CHARS} chars")
         params = self._sampling(req)
         ids = await self._prompt_ids(req)
-        ctx = self.router.max_len
+        ctx = self.pool.max_len
         if len(ids) >= ctx:
             raise InvalidRequest(f"prompt has {len(ids)} tokens; the context length is {ctx}")
-        limit = min(self.router.cfg.max_new_tokens_limit, ctx - len(ids))
+        limit = min(self.pool.cfg.max_new_tokens_limit, ctx - len(ids))
         if req.max_new_tokens <= 0:
             raise InvalidRequest(f"max_new_tokens must be >= 1, got {req.max_new_tokens}")
         if req.max_new_tokens > limit:
             raise InvalidRequest(f"max_new_tokens {req.max_new_tokens} too large: at most {limit} for a "
                                  f"{len(ids)}-token prompt (context {ctx}, limit "
-                                 f"{self.router.cfg.max_new_tokens_limit})")
-        seq = Sequence(uuid.uuid4().hex, ids, params, req.max_new_tokens, ctx, self.router.eos_ids, req.ignore_eos)
+                                 f"{self.pool.cfg.max_new_tokens_limit})")
+        seq = Sequence(uuid.uuid4().hex, ids, params, req.max_new_tokens, ctx, self.pool.eos_ids, req.ignore_eos)
         r = Request(seq=seq, sampling=req.sampling)
-        if not self.router.fits_ever(r):
+        if not self.pool.fits_ever(r):
             raise QueueFull(f"request needs more KV cache than a model service has ({len(ids)} + {req.max_new_tokens}"
                             " tokens)")
         return r
@@ -121,11 +121,13 @@ class GenerationServicer:
         await self._require_ready(context)
         try:
             r = await self.build(req)
-            self.router.submit(r)
+            self.pool.submit(r)
         except InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except QueueFull as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except Unavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         text = TextStream(self.tokenizer, list(req.stop))
         finished = False
         try:
@@ -178,8 +180,15 @@ class GenerationServicer:
                 yield msg
 
     async def GetInfo(self, req, context) -> gpb.ServerInfo:
+        """What the router serves, and every replica as of now (liveness, KV use, each lane's queue)."""
         await self._require_ready(context)
-        return self.info
+        info = gpb.ServerInfo()
+        info.CopyFrom(self.info)
+        info.serving = self.pool.serving
+        info.verifier_replicas.extend(self.pool.verifiers)
+        info.drafter_replicas.extend(self.pool.drafters)
+        info.replicas.extend(await self.pool.status())
+        return info
 
 
 class BearerTokenAuth(grpc.aio.ServerInterceptor):

@@ -56,26 +56,47 @@ class ModelClient:
             self.channel = grpc.aio.secure_channel(address, credentials, options=options)
         self.stub = (pb_grpc.DrafterStub if kind == "drafter" else pb_grpc.VerifierStub)(self.channel)
         self.info: pb.ModelInfo | None = None
+        self.down_since: float | None = None  # monotonic time this replica was found gone; None while it serves
         self._session = None
         self._lock = asyncio.Lock()
         self._ids = itertools.count(1)
 
-    async def wait_ready(self, timeout_s: float = 300.0) -> pb.ModelInfo:
+    # ---- reachability: each change is logged once, whoever notices it (a failed step, the health watcher) --------
+    def mark_down(self, why: str) -> None:
+        if self.down_since is None:
+            self.down_since = time.monotonic()
+            log.warning("%s %s lost (%s)", self.kind, self.address, why)
+
+    def mark_up(self) -> None:
+        if self.down_since is not None:
+            log.info("%s %s back after %.1f s", self.kind, self.address, time.monotonic() - self.down_since)
+            self.down_since = None
+
+    async def health(self, timeout_s: float = 5.0) -> str:
+        """The replica's health status name (SERVING, NOT_SERVING, ...), or the gRPC code name if the check failed."""
+        try:
+            r = await health_pb2_grpc.HealthStub(self.channel).Check(health_pb2.HealthCheckRequest(service=""),
+                                                                     timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            return exc.code().name
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
+
+    async def status(self, timeout_s: float = 2.0) -> pb.ModelInfo:
+        """The replica's ModelInfo as of now (KV blocks in use, sequences, busy seconds)."""
+        return await self.stub.GetModelInfo(pb.ModelInfoRequest(), timeout=timeout_s)
+
+    async def wait_ready(self, timeout_s: float = 300.0, quiet: bool = False) -> pb.ModelInfo:
         """Block until the replica reports SERVING (model loaded and warmed up), then fetch its info."""
-        health = health_pb2_grpc.HealthStub(self.channel)
         deadline = time.monotonic() + timeout_s
         while True:
-            try:
-                r = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
-                if r.status == health_pb2.HealthCheckResponse.SERVING:
-                    break
-            except grpc.aio.AioRpcError:
-                pass
+            if await self.health() == "SERVING":
+                break
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{self.kind} at {self.address} not SERVING after {timeout_s:.0f}s")
             await asyncio.sleep(0.2)
         self.info = await self.stub.GetModelInfo(pb.ModelInfoRequest(), timeout=30)
-        log.info("%s %s ready: %s (%s), vocab %d, context %d, KV %d tokens, %s", self.kind, self.address,
+        self.mark_up()
+        log.log(logging.DEBUG if quiet else logging.INFO, "%s %s ready: %s (%s), vocab %d, context %d, KV %d tokens, %s", self.kind, self.address,
                  self.info.model_name, self.info.model_type, self.info.vocab_size, self.info.max_context,
                  self.info.kv_capacity_tokens, self.info.device)
         return self.info
@@ -99,9 +120,11 @@ class ModelClient:
                 self._session.cancel()
                 self._session = None
                 code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else grpc.StatusCode.UNAVAILABLE
+                self.mark_down(f"a step failed: {code.name}")
                 raise ServiceError(code, f"{self.kind} {self.address}: {exc}", lost=True, source=self.kind) from exc
             if resp is grpc.aio.EOF:
                 self._session = None
+                self.mark_down("it closed the session")
                 raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"{self.kind} {self.address} closed the session",
                                    lost=True, source=self.kind)
             if resp.step_id != request.step_id:

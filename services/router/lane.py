@@ -48,6 +48,9 @@ class Replicas(Protocol):
     async def find_drafter(self, lane: "Lane") -> ModelClient:
         """Any healthy drafter replica (waiting until one is)."""
 
+    def serving_changed(self) -> None:
+        """The lane started or stopped waiting for its verifier (the router's health may change)."""
+
 
 class Lane:
     """Everything one verifier replica serves: admission into two batches, the tick loop, fault recovery and what is
@@ -79,6 +82,7 @@ class Lane:
         self.drafter_up = drafter is not None
         self._drafter_watch: asyncio.Task | None = None
         self.dead = False  # this lane's verifier is gone and its requests moved to other lanes
+        self.verifier_down = False  # waiting for a lost verifier to come back (new requests go elsewhere or fail)
         self._evacuate = False  # replica discovery saw the verifier vanish: hand requests over between two ticks
 
     # ---- what the replica pool asks ------------------------------------------------------------------------------
@@ -428,20 +432,29 @@ class Lane:
         if self.replicas is not None and await self.replicas.rehome(self):
             return  # the pool moved our requests to other lanes
         wait_s = self.cfg.rpc_timeout_s
-        log.warning("verifier lost (%s); waiting up to %.0fs for it to come back", exc, wait_s)
+        log.info("lane %s: %d running requests wait up to %.0f s for the verifier to come back",
+                 self.verifier.address, self.running, wait_s)
+        self._set_verifier_down(True)
         try:
-            await self.verifier.wait_ready(wait_s)
+            await self.verifier.wait_ready(wait_s, quiet=True)
             if self.drafter is not None and self.drafter_up:
                 self.transport = await negotiate(self.drafter, self.verifier, self.cfg.transport)
         except (TimeoutError, Exception) as wait_exc:  # noqa: BLE001 - any failure here means: give up on them
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"verifier unavailable: {wait_exc}") from wait_exc
-        log.info("verifier back; re-prefilling %d running requests", self.running)
+        finally:
+            self._set_verifier_down(False)
+        log.info("lane %s: re-prefilling %d running requests", self.verifier.address, self.running)
         self.releases.verifier_lost()
         for r in self.batches[0] + self.batches[1]:
             r.seq.reset_cache("target")
 
+    def _set_verifier_down(self, down: bool) -> None:
+        self.verifier_down = down
+        if self.replicas is not None:
+            self.replicas.serving_changed()
+
     def _drafter_lost(self, exc: ServiceError) -> None:
-        log.warning("drafter lost (%s); continuing target-only until it is back", exc)
+        log.info("lane %s: decoding target-only until a drafter is back", self.verifier.address)
         self.drafter_up = False
         orphans = {}
         for r in self.batches[0] + self.batches[1]:
@@ -459,13 +472,13 @@ class Lane:
             try:
                 if self.replicas is not None:  # any healthy replica will do: caches re-prefill anyway
                     self.drafter = await self.replicas.find_drafter(self)
-                await self.drafter.wait_ready(timeout_s=3600)
+                await self.drafter.wait_ready(timeout_s=3600, quiet=True)
                 self.transport = await negotiate(self.drafter, self.verifier, self.cfg.transport)
                 break
             except Exception as exc:  # noqa: BLE001 - keep watching whatever went wrong
-                log.info("drafter still unavailable: %s", exc)
+                log.debug("drafter still unavailable: %s", exc)
                 await asyncio.sleep(1.0)
-        log.info("drafter back at %s; speculation resumes (drafter caches re-prefill on first use)",
-                 self.drafter.address)
+        log.info("lane %s: speculation resumes with drafter %s (transport %s)", self.verifier.address,
+                 self.drafter.address, self.transport)
         self.drafter_up = True
         self.wake.set()

@@ -40,10 +40,10 @@ async def negotiate(drafter: ModelClient, verifier: ModelClient, preference: str
     for kind in candidates:
         why = await _probe(drafter, verifier, kind)
         if why is None:
-            log.info("transport %s <-> %s: %s", drafter.address, verifier.address, kind)
+            log.debug("transport %s <-> %s: %s", drafter.address, verifier.address, kind)
             return kind
         log.info("transport %s unavailable between %s and %s: %s", kind, drafter.address, verifier.address, why)
         if preference != "auto":
             raise RuntimeError(f"transport {preference} was requested but does not work: {why}")
-    log.info("transport %s <-> %s: inline", drafter.address, verifier.address)
+    log.debug("transport %s <-> %s: inline", drafter.address, verifier.address)
     return "inline"

@@ -12,14 +12,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
+from typing import Callable
 
 import grpc
 
 from minedraft.config import RouterConfig
+from minedraft.v1 import generate_pb2 as gpb
 from services.router.clients import ModelClient, ServiceError, internal_credentials
 from services.router.lane import Lane
 from services.router.negotiation import negotiate
-from services.router.request import QueueFull, Request
+from services.router.request import QueueFull, Request, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +45,21 @@ def resolve(spec: str) -> list[str]:
 
 class ReplicaPool:
     """Every drafter and verifier replica the router knows, and a lane per verifier. New requests go to the
-    least-loaded live lane; a lane whose verifier is gone hands its requests to the others (`rehome`)."""
+    least-loaded serving lane; a lane whose verifier is gone hands its requests to the others (`rehome`).
+
+    The router serves (health SERVING) while at least one lane's verifier is reachable and it is not draining: a
+    watcher checks every verifier's health each second, so even an idle lane's lost verifier is noticed, and whoever
+    registered with `on_serving_change` (the health service) hears of every change."""
 
     def __init__(self, cfg: RouterConfig):
         self.cfg = cfg
         self.verifiers: dict[str, ModelClient] = {}
         self.drafters: dict[str, ModelClient] = {}
         self.lanes: dict[str, Lane] = {}  # keyed by verifier address
-        self._discovery: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._serving: bool | None = None
+        self._on_serving_change: Callable[[bool], None] | None = None
+        self.draining = False
         self.max_len = 0
         self.eos_ids: frozenset[int] = frozenset()
         self.vocab_size = 0
@@ -58,16 +68,89 @@ class ReplicaPool:
     def live_lanes(self) -> list[Lane]:
         return [e for e in self.lanes.values() if not e.dead]
 
+    def serving_lanes(self) -> list[Lane]:
+        """Lanes that can take a new request now: their verifier is up."""
+        return [e for e in self.live_lanes() if not e.verifier_down and e.verifier.down_since is None]
+
+    @property
+    def serving(self) -> bool:
+        return bool(self.serving_lanes()) and not self.draining
+
+    @property
+    def in_flight(self) -> int:
+        return sum(e.load for e in self.live_lanes())
+
     def fits_ever(self, req: Request) -> bool:
         return any(e.fits_ever(req) for e in self.live_lanes())
 
     def submit(self, req: Request) -> None:
-        lanes = self.live_lanes()
+        if self.draining:
+            raise Unavailable("the router is shutting down (draining in-flight requests); retry on another router")
+        lanes = self.serving_lanes()
         if not lanes:
-            raise QueueFull("no verifier replica is available")
+            down = ", ".join(sorted(e.verifier.address for e in self.live_lanes())) or "none known"
+            raise Unavailable(f"no verifier is reachable (verifiers: {down}); requests already running wait up to "
+                              f"{self.cfg.rpc_timeout_s:.0f} s for one to return, new ones are refused: retry later")
         if sum(len(e.waiting) for e in lanes) >= self.cfg.max_queue:
             raise QueueFull(f"queue full ({self.cfg.max_queue} waiting requests)")
         min(lanes, key=lambda e: e.load).submit(req)
+
+    def on_serving_change(self, callback: Callable[[bool], None]) -> None:
+        """Call `callback(serving)` now and whenever the router starts or stops serving."""
+        self._on_serving_change = callback
+        callback(self.serving)
+
+    def serving_changed(self) -> None:
+        """Tell the health service when the router starts or stops serving (one log line per change)."""
+        serving = self.serving
+        if serving == self._serving:
+            return
+        if self._serving is not None:
+            if serving:
+                log.info("router SERVING again (%d verifier lanes up)", len(self.serving_lanes()))
+            else:
+                log.info("router NOT_SERVING: %s", "draining" if self.draining else "no verifier is reachable")
+        self._serving = serving
+        if self._on_serving_change is not None:
+            self._on_serving_change(serving)
+
+    async def drain(self, timeout_s: float) -> int:
+        """Stop admitting (UNAVAILABLE, health NOT_SERVING) and let in-flight requests finish for up to `timeout_s`.
+        Returns how many were still in flight at the deadline (stop() cancels them)."""
+        self.draining = True
+        self.serving_changed()
+        n = self.in_flight
+        if n:
+            log.info("draining: %d requests in flight, up to %.0f s", n, timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while self.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        left = self.in_flight
+        if n:
+            log.info("drained" if not left else "drain deadline: cancelling %d requests still in flight", left)
+        return left
+
+    async def status(self, timeout_s: float = 2.0) -> list[gpb.ReplicaStatus]:
+        """Every replica as of now (asked concurrently, each with a short deadline), verifiers with their lanes."""
+        async def one(client: ModelClient) -> gpb.ReplicaStatus:
+            row = gpb.ReplicaStatus(role=client.kind, address=client.address)
+            try:
+                info = await client.status(timeout_s)
+                row.live, row.model, row.device = True, info.model_name, info.device
+                row.kv_blocks_in_use, row.active_sequences, row.busy_seconds = (info.kv_blocks_in_use,
+                                                                                info.active_sequences,
+                                                                                info.busy_seconds)
+                row.kv_blocks_total = info.kv_capacity_tokens // max(info.block_size, 1)
+            except grpc.aio.AioRpcError as exc:
+                row.error = f"{exc.code().name}: {exc.details()}"
+            lane = self.lanes.get(client.address) if client.kind == "verifier" else None
+            if lane is not None:
+                row.running, row.waiting, row.transport = lane.running, len(lane.waiting), lane.transport
+                row.drafter = lane.drafter.address if lane.drafter is not None and lane.drafter_up else ""
+            return row
+
+        clients = list(self.verifiers.values()) + list(self.drafters.values())
+        return list(await asyncio.gather(*(one(c) for c in clients)))
 
     # ---- replicas -------------------------------------------------------------------------------------------------
     async def _connect(self, pool: dict[str, ModelClient], address: str, kind: str, timeout_s: float):
@@ -99,6 +182,7 @@ class ReplicaPool:
         lane.start()
         log.info("lane %d: verifier %s + drafter %s (transport %s)", len(self.lanes), verifier.address,
                  drafter.address if drafter else "-", transport)
+        self.serving_changed()
 
     async def start(self, timeout_s: float = 300.0) -> None:
         """Connect to every replica that resolves now (at least one verifier, and one drafter unless ar)."""
@@ -118,7 +202,23 @@ class ReplicaPool:
                              *(self._connect(self.drafters, a, "drafter", timeout_s) for a in d_addrs))
         for address in v_addrs:
             await self._add_lane(self.verifiers[address])
-        self._discovery = asyncio.create_task(self._discover())
+        self._tasks = [asyncio.create_task(self._discover()), asyncio.create_task(self._watch_verifiers())]
+
+    async def _watch_verifiers(self, every_s: float = 1.0, misses: int = 3) -> None:
+        """Health-check every verifier each second. Refused (the process is gone) or NOT_SERVING counts at once; a
+        slow answer only after `misses` in a row (a verifier busy with a long step may answer late)."""
+        slow: dict[str, int] = {}
+        while True:
+            await asyncio.sleep(every_s)
+            clients = list(self.verifiers.values())
+            states = await asyncio.gather(*(c.health(timeout_s=every_s) for c in clients))
+            for client, state in zip(clients, states):
+                slow[client.address] = slow.get(client.address, 0) + 1 if state == "DEADLINE_EXCEEDED" else 0
+                if state == "SERVING":
+                    client.mark_up()
+                elif state != "DEADLINE_EXCEEDED" or slow[client.address] >= misses:
+                    client.mark_down(f"health check: {state}")
+            self.serving_changed()
 
     async def _discover(self, every_s: float = 5.0) -> None:
         loop = asyncio.get_running_loop()
@@ -146,7 +246,7 @@ class ReplicaPool:
 
     async def rehome(self, lane: Lane) -> bool:
         """Move a lane's requests to the least-loaded other live lanes; False if there is none."""
-        others = [e for e in self.live_lanes() if e is not lane]
+        others = [e for e in self.serving_lanes() if e is not lane]
         if not others:
             return False
         reqs = await lane.hand_over()
@@ -155,9 +255,10 @@ class ReplicaPool:
         address = lane.verifier.address
         self.lanes.pop(address, None)
         client = self.verifiers.pop(address, None)
-        log.warning("verifier %s lost: moved %d requests to other lanes", address, len(reqs))
+        log.info("lane %s closed: moved %d requests to other lanes", address, len(reqs))
         if client is not None:
             await client.close()
+        self.serving_changed()
         return True
 
     async def find_drafter(self, lane: Lane) -> ModelClient:
@@ -165,15 +266,15 @@ class ReplicaPool:
         while True:
             for client in sorted(self.drafters.values(), key=lambda c: c is lane.drafter):
                 try:
-                    await client.wait_ready(timeout_s=2)
+                    await client.wait_ready(timeout_s=2, quiet=True)
                     return client
                 except (TimeoutError, grpc.aio.AioRpcError):
                     continue
             await asyncio.sleep(1.0)
 
     async def stop(self) -> None:
-        if self._discovery is not None:
-            self._discovery.cancel()
+        for task in self._tasks:
+            task.cancel()
         for lane in list(self.lanes.values()):
             await lane.stop()
         for client in list(self.verifiers.values()) + list(self.drafters.values()):

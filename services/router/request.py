@@ -17,7 +17,11 @@ PREFILL, DRAFT, VERIFY = "prefill", "draft", "verify"  # what a running request 
 
 
 class QueueFull(Exception):
-    """No room for the request now (queue limit, or no verifier): the client gets RESOURCE_EXHAUSTED / UNAVAILABLE."""
+    """No room for the request now (queue limit, or more KV than a service has): RESOURCE_EXHAUSTED."""
+
+
+class Unavailable(Exception):
+    """The router cannot take requests now (no verifier reachable, or it is draining): UNAVAILABLE, retry later."""
 
 
 @dataclass(frozen=True)

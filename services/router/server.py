@@ -4,6 +4,7 @@ transport, start a lane per verifier, and serve the public Generation API (optio
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 
 import grpc
@@ -22,20 +23,19 @@ SERVICE = generate_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
 
 
 async def build(cfg: config.RouterConfig):
-    """Everything but the listening socket: (router over replica lanes, tokenizer, server info)."""
+    """Everything but the listening socket: (replica pool with its lanes, tokenizer, server info)."""
     tokenizer = load_tokenizer(cfg.tokenizer)
-    router = ReplicaPool(cfg)
-    await router.start()
-    verifier = next(iter(router.verifiers.values()))
+    pool = ReplicaPool(cfg)
+    await pool.start()
+    verifier = next(iter(pool.verifiers.values()))
     if vocab_digest(tokenizer) != verifier.info.tokenizer_digest:
         raise SystemExit(f"tokenizer at {cfg.tokenizer} does not match the verifier's model vocabulary")
-    drafter = next(iter(router.drafters.values()), None)
+    drafter = next(iter(pool.drafters.values()), None)
     info = generate_pb2.ServerInfo(target_model=verifier.info.model_name,
                                    draft_model=drafter.info.model_name if drafter else "", mode=cfg.mode,
-                                   num_speculative_tokens=cfg.num_speculative_tokens, max_context=router.max_len,
-                                   max_batch_size=cfg.max_batch_size, drafter_replicas=list(router.drafters),
-                                   verifier_replicas=list(router.verifiers))
-    return router, tokenizer, info
+                                   num_speculative_tokens=cfg.num_speculative_tokens, max_context=pool.max_len,
+                                   max_batch_size=cfg.max_batch_size)
+    return pool, tokenizer, info
 
 
 def _parsed(method, request_cls, streaming: bool):
@@ -109,12 +109,18 @@ async def _serve(cfg: config.RouterConfig) -> None:
     log.info("router listening on %s:%d (%s%s; mode %s, k=%d, batch %d)", cfg.host, cfg.port,
              "TLS" if credentials else "plaintext", ", bearer token" if token else "", cfg.mode,
              cfg.num_speculative_tokens, cfg.max_batch_size)
-    router, tokenizer, info = await build(cfg)
-    servicer.attach(router, tokenizer, info)
-    await common.set_serving(health, [SERVICE], True)
-    log.info("router SERVING: %d verifier and %d drafter replicas (transport %s)", len(router.verifiers),
-             len(router.drafters), router.transport)
-    await common.serve_until_signal(server, router.stop)
+    pool, tokenizer, info = await build(cfg)
+    servicer.attach(pool, tokenizer, info)
+    pool.on_serving_change(lambda serving: asyncio.ensure_future(common.set_serving(health, [SERVICE], serving)))
+    log.info("router SERVING: %d verifier and %d drafter replicas (transport %s)", len(pool.verifiers),
+             len(pool.drafters), pool.transport)
+
+    async def drain_and_stop() -> None:
+        """SIGTERM / SIGINT: stop admitting, let what is in flight finish (up to --drain-timeout-s), then stop."""
+        await pool.drain(cfg.drain_timeout_s)
+        await pool.stop()
+
+    await common.serve_until_signal(server, drain_and_stop)
 
 
 def main(argv=None) -> None:
