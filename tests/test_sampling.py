@@ -13,8 +13,11 @@ from scipy import stats
 
 from minedraft.runtime.sampling import (
     SamplingParams,
+    SparseProbs,
+    compact,
     logits_to_probs,
     sample,
+    sample_sparse,
     verify,
     verify_greedy,
     verify_rejection,
@@ -415,3 +418,71 @@ def test_verify_draft_probs_optional_only_when_all_greedy():
         verify(draft, lens, logits, None, [P(), P(1.0), P(), P()], [None] * 4)
     with pytest.raises(ValueError):
         verify(draft, lens, logits, None, [P()] * 3, [None] * 4)
+
+
+# ---------------------------------------------------------------- compact draft distributions (large vocabularies)
+
+
+def test_compact_keeps_the_top_support_renormalised_and_packs_losslessly():
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.2], [0.0, 0.0, 1.0, 0.0]])
+    q = compact(probs, 2)
+    assert q.ids[0].tolist() == [0, 2] and q.ids[1, 0] == 2  # the second row's padding slot has probability 0
+    assert torch.allclose(q.probs, torch.tensor([[0.625, 0.375], [1.0, 0.0]]))
+    full = compact(probs, 10)  # never wider than the widest support
+    assert full.width == 3 and torch.allclose(full.dense(4), probs)
+    back = SparseProbs.unpack(q.pack())
+    assert torch.equal(back.ids, q.ids) and torch.equal(back.probs, q.probs)
+    assert torch.allclose(q.at(torch.tensor([2, 3])), torch.tensor([0.375, 0.0]))
+    with pytest.raises(ValueError):
+        SparseProbs.unpack(torch.zeros(2, 3, 4))
+
+
+def head_and_tail(rng, v: int, head: int, head_mass: float) -> np.ndarray:
+    d = np.full(v, (1 - head_mass) / (v - head))
+    idx = rng.permutation(v)[:head]
+    d[idx] = head_mass * rng.dirichlet(np.ones(head) * 5)
+    return d / d.sum()
+
+
+def binned(tokens: np.ndarray, p: np.ndarray, min_expected: float) -> tuple[np.ndarray, np.ndarray]:
+    """Cells for a chi-square at a large vocabulary: each token likely enough to fill its cell on its own, the rest
+    grouped (in id order) into cells of about 20 x min_expected expected draws."""
+    n = len(tokens)
+    single = np.nonzero(p * n >= min_expected)[0]
+    rest = np.setdiff1d(np.arange(len(p)), single)
+    groups = np.array_split(rest, max(1, int(p[rest].sum() * n // (20 * min_expected))))
+    cell = np.empty(len(p), dtype=np.int64)
+    cell[single] = np.arange(len(single))
+    for g, members in enumerate(groups):
+        cell[members] = len(single) + g
+    expected = np.bincount(cell, weights=p, minlength=len(single) + len(groups))
+    return cell[tokens], expected
+
+
+def test_compact_draft_keeps_rejection_sampling_exact_at_a_large_vocabulary():
+    """The drafter draws from (and ships) its distribution's top S tokens only: 20% of q's mass is cut off. The
+    emitted token still follows the target p exactly, tail included (the residual max(0, p - q) supplies what the
+    truncated draft never proposes), at a 16k vocabulary; acceptance is sum(min(p, q')) for the truncated q'."""
+    rng = np.random.default_rng(3)
+    v, s, k, b, chunk = 16384, 256, 2, 16000, 4000
+    p = np.stack([head_and_tail(rng, v, 120, 0.6) for _ in range(k + 1)])
+    q_dense = torch.tensor(np.stack([head_and_tail(rng, v, s, 0.8) for _ in range(k)]), dtype=torch.float32)
+    q = compact(q_dense, s)  # [k, S]: the head only, renormalised
+    assert q.width == s and abs(float(q_dense.topk(s).values.sum(-1).mean()) - 0.8) < 0.02
+    torch.manual_seed(0)
+    firsts, accepted, has_draft = [], 0, 0
+    target = torch.tensor(p, dtype=torch.float32)
+    for start in range(0, b, chunk):
+        n = min(chunk, b - start)
+        dist = SparseProbs(q.ids.expand(n, k, s), q.probs.expand(n, k, s))
+        draft = torch.stack([sample_sparse(dist[:, i], [None] * n) for i in range(k)], 1)
+        lens = torch.randint(0, k + 1, (n,))
+        res = verify_rejection(draft, lens, dist, target.expand(n, k + 1, v), [None] * n)
+        firsts.append(np.array([t[0] for t in res.tokens]))
+        accepted += int((res.num_accepted[lens > 0] > 0).sum())
+        has_draft += int((lens > 0).sum())
+    first = np.concatenate(firsts)
+    cells, expected = binned(first, p[0], min_expected=20)
+    assert stats.chisquare(np.bincount(cells, minlength=len(expected)), expected * len(first)).pvalue > ALPHA
+    q0 = q.dense(v)[0].numpy()
+    assert stats.binomtest(accepted, has_draft, np.minimum(p[0], q0).sum()).pvalue > ALPHA

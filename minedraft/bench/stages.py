@@ -45,10 +45,10 @@ def ideal_bound(t_draft: float, t_verify: float) -> float:
 
 
 @functools.lru_cache(maxsize=4)
-def _model(path: str, device: str):
+def _model(path: str, device: str, dtype: str = "auto"):
     from minedraft.runtime.checkpoint import load_model
 
-    return load_model(path, device)
+    return load_model(path, device, dtype)
 
 
 def _interleaved_ms(fns, repeats: int, warmup: int, sync=lambda: None) -> list[float]:
@@ -65,7 +65,8 @@ def _interleaved_ms(fns, repeats: int, warmup: int, sync=lambda: None) -> list[f
 
 
 def time_stages(target_dir: str, draft_dir: str, k: int, batch: int, context: int | list[int], repeats: int = 7,
-                warmup: int = 2, threads: int = 1, device: str = "cpu", seed: int = 0) -> StageTiming:
+                warmup: int = 2, threads: int = 1, device: str = "cpu", seed: int = 0,
+                dtype: str = "auto") -> StageTiming:
     """Prefill `batch` random sequences on both models, then time the two stages. `context` is one length for all,
     or per-sequence lengths (cycled), e.g. the workload's prompt lengths plus half the output: the runtime pads a
     batch's attention to its longest sequence, so a uniform context would flatter a mixed batch. Each repetition
@@ -79,7 +80,7 @@ def time_stages(target_dir: str, draft_dir: str, k: int, batch: int, context: in
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        target, draft = _model(target_dir, device), _model(draft_dir, device)
+        target, draft = _model(target_dir, device, dtype), _model(draft_dir, device, dtype)
         vocab = min(target.arch.vocab_size, draft.arch.vocab_size)
         limit = min(target.arch.max_position, draft.arch.max_position) - k - 2
         wanted = context if isinstance(context, list) else [context]

@@ -146,6 +146,81 @@ def sample(probs: Tensor, generators: Sequence[torch.Generator | None]) -> Tenso
 
 
 @dataclass
+class SparseProbs:
+    """Distributions over a vocabulary stored by their support: `ids` [..., S] token ids and `probs` [..., S] their
+    probabilities (a row shorter than S is padded with probability 0). At a 152k vocabulary a dense draft
+    distribution is 607 KB per draft token; the draft's top few hundred tokens hold nearly all of its mass."""
+
+    ids: Tensor  # int64
+    probs: Tensor  # float32
+
+    @property
+    def width(self) -> int:
+        return self.ids.shape[-1]
+
+    def __getitem__(self, index) -> "SparseProbs":
+        return SparseProbs(self.ids[index], self.probs[index])
+
+    def padded(self, width: int) -> "SparseProbs":
+        pad = width - self.width
+        if pad <= 0:
+            return self
+        return SparseProbs(torch.nn.functional.pad(self.ids, (0, pad)), torch.nn.functional.pad(self.probs, (0, pad)))
+
+    @staticmethod
+    def cat(parts: Sequence["SparseProbs"]) -> "SparseProbs":
+        width = max(p.width for p in parts)
+        return SparseProbs(torch.cat([p.padded(width).ids for p in parts]),
+                           torch.cat([p.padded(width).probs for p in parts]))
+
+    def to(self, device) -> "SparseProbs":
+        return SparseProbs(self.ids.to(device), self.probs.to(device))
+
+    def pack(self) -> Tensor:
+        """One int32 tensor [rows, 2, S] (ids, then the float32 probabilities' bits): one buffer to ship."""
+        return torch.stack([self.ids.to(torch.int32), self.probs.float().contiguous().view(torch.int32)], dim=-2)
+
+    @staticmethod
+    def unpack(packed: Tensor) -> "SparseProbs":
+        if packed.dtype != torch.int32 or packed.dim() != 3 or packed.shape[1] != 2:
+            raise ValueError(f"packed draft probabilities must be int32 [rows, 2, S], got {packed.dtype} "
+                             f"{list(packed.shape)}")
+        return SparseProbs(packed[:, 0].long(), packed[:, 1].contiguous().view(torch.float32))
+
+    def at(self, tokens: Tensor) -> Tensor:
+        """Probability of `tokens` [...] under each row [..., S] (0 outside the support)."""
+        return (self.probs * (self.ids == tokens[..., None])).sum(-1)
+
+    def dense(self, vocab: int) -> Tensor:
+        out = torch.zeros(*self.ids.shape[:-1], vocab, dtype=torch.float32, device=self.probs.device)
+        return out.scatter_add_(-1, self.ids, self.probs.float())
+
+
+def compact(probs: Tensor, max_support: int) -> SparseProbs:
+    """The distribution a sampled draft is drawn from and shipped as: each row's `max_support` likeliest tokens
+    (fewer where top-k / top-p left fewer), renormalised. Any draft distribution keeps rejection sampling exact, as
+    long as the verifier judges the drafts by the very distribution they were drawn from: this one."""
+    width = min(max_support, probs.shape[-1])
+    vals, ids = probs.float().topk(width, dim=-1)
+    width = max(1, int((vals > 0).sum(-1).max()))  # topk sorts: the zeros are at the end
+    vals, ids = vals[..., :width], ids[..., :width]
+    return SparseProbs(ids, vals / vals.sum(-1, keepdim=True))
+
+
+def sample_sparse(dist: SparseProbs, generators: Sequence[torch.Generator | None]) -> Tensor:
+    """One token id per row of a [rows, S] SparseProbs, drawn as `sample` draws."""
+    return dist.ids.gather(1, sample(dist.probs, generators)[:, None]).squeeze(1)
+
+
+def _q_at(q: Tensor | SparseProbs, x: Tensor) -> Tensor:
+    return q.at(x) if isinstance(q, SparseProbs) else q.gather(2, x[..., None]).squeeze(-1)
+
+
+def _q_rows(q: Tensor | SparseProbs, rows: Tensor, pos: Tensor, vocab: int) -> Tensor:
+    return q[rows, pos].dense(vocab) if isinstance(q, SparseProbs) else q[rows, pos].float()
+
+
+@dataclass
 class VerifyResult:
     num_accepted: Tensor  # LongTensor[B]: accepted draft tokens per row, 0..draft_lens[b]
     tokens: list[list[int]]  # per row: accepted draft tokens, then exactly one target token
@@ -178,8 +253,8 @@ def verify_greedy(draft_tokens: Tensor, draft_lens: Tensor, target_logits: Tenso
     return _result(draft_tokens, lens, num_accepted, extra)
 
 
-def verify_rejection(draft_tokens: Tensor, draft_lens: Tensor, draft_probs: Tensor, target_probs: Tensor,
-                     generators: Sequence[torch.Generator | None]) -> VerifyResult:
+def verify_rejection(draft_tokens: Tensor, draft_lens: Tensor, draft_probs: Tensor | SparseProbs,
+                     target_probs: Tensor, generators: Sequence[torch.Generator | None]) -> VerifyResult:
     """Leviathan et al. / Chen et al.: emitted tokens are distributed exactly as the target's.
 
     Accept x_i iff u_i * q_i(x_i) < p_i(x_i) (i.e. with prob min(1, p/q)); on the first
@@ -195,14 +270,14 @@ def verify_rejection(draft_tokens: Tensor, draft_lens: Tensor, draft_probs: Tens
     u = _uniforms(generators, [n + 1 for n in lens], k + 1, dev)
 
     p_x = target_probs[:, :k].gather(2, x[..., None]).squeeze(-1)
-    q_x = draft_probs.gather(2, x[..., None]).squeeze(-1)
+    q_x = _q_at(draft_probs, x)
     accept = (u[:, :k] * q_x < p_x) & valid  # NaN padding compares False
     num_accepted = accept.long().cumprod(dim=1).sum(dim=1)
 
     rows = torch.arange(b, device=dev)
     final = target_probs[rows, num_accepted].float()
     if k > 0:
-        q_final = draft_probs[rows, num_accepted.clamp(max=k - 1)].float()
+        q_final = _q_rows(draft_probs, rows, num_accepted.clamp(max=k - 1), target_probs.shape[-1])
         residual = (final - q_final).clamp(min=0)
         use_residual = (num_accepted < draft_lens) & (residual.sum(dim=-1) > 0)
         final = torch.where(use_residual[:, None], residual, final)
@@ -210,7 +285,7 @@ def verify_rejection(draft_tokens: Tensor, draft_lens: Tensor, draft_probs: Tens
     return _result(draft_tokens, lens, num_accepted, extra)
 
 
-def verify(draft_tokens: Tensor, draft_lens: Tensor, target_logits: Tensor, draft_probs: Tensor | None,
+def verify(draft_tokens: Tensor, draft_lens: Tensor, target_logits: Tensor, draft_probs: Tensor | SparseProbs | None,
            params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]) -> VerifyResult:
     """Greedy rows never touch draft_probs or their generator, so a greedy-only drafter
     need not materialise [B, K, V] probabilities."""
@@ -239,11 +314,11 @@ def verify(draft_tokens: Tensor, draft_lens: Tensor, target_logits: Tensor, draf
     return VerifyResult(num_accepted, tokens)
 
 
-def _take(t: Tensor, rows: Sequence[int]) -> Tensor:
-    return t[torch.tensor(rows, device=t.device)]
+def _take(t: Tensor | SparseProbs, rows: Sequence[int]) -> Tensor | SparseProbs:
+    return t[torch.tensor(rows, device=(t.ids if isinstance(t, SparseProbs) else t).device)]
 
 
-def _verify_sampled(draft_tokens: Tensor, draft_lens: Tensor, target_logits: Tensor, draft_probs: Tensor,
+def _verify_sampled(draft_tokens: Tensor, draft_lens: Tensor, target_logits: Tensor, draft_probs: Tensor | SparseProbs,
                     params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]) -> VerifyResult:
     per_position = [p for p in params for _ in range(target_logits.shape[1])]
     target_probs = logits_to_probs(target_logits.flatten(0, 1), per_position).view(target_logits.shape)

@@ -11,7 +11,12 @@ import torch
 
 from minedraft.runtime.attention import HostPack
 from minedraft.runtime.runner import Extend, ModelRunner
-from minedraft.runtime.sampling import SamplingParams, VerifyResult, logits_to_probs, sample, verify
+from minedraft.runtime.sampling import (SamplingParams, SparseProbs, VerifyResult, compact, logits_to_probs,
+                                        sample_sparse, verify)
+
+# A sampled draft is drawn from (and shipped as) its likeliest DRAFT_SUPPORT tokens: at a 152k vocabulary that cuts
+# the draft probabilities that travel to the verifier from 607 KB to 8 KB per draft token (sampling.compact).
+DRAFT_SUPPORT = 1024
 
 
 @dataclass
@@ -27,10 +32,10 @@ class DraftRequest:
 @dataclass
 class Draft:
     tokens: list[int]
-    probs: torch.Tensor | None  # [len(tokens), V] draft distribution q, only for sampled requests
+    probs: SparseProbs | None  # [len(tokens), S]: the distribution q each draft was drawn from (sampled only)
 
 
-def propose(runner: ModelRunner, reqs: list[DraftRequest]) -> list[Draft]:
+def propose(runner: ModelRunner, reqs: list[DraftRequest], support: int = DRAFT_SUPPORT) -> list[Draft]:
     """k autoregressive draft steps for a whole batch; sequences wanting fewer drafts drop out early.
 
     All-greedy batches run the whole loop on the device (`greedy_continue`: argmax fed back, one copy to the host);
@@ -51,12 +56,12 @@ def propose(runner: ModelRunner, reqs: list[DraftRequest]) -> list[Draft]:
             break
         sel = [active.index(i) for i in rows]
         params = [reqs[i].params for i in rows]
-        probs = logits_to_probs(logits[sel], params)
-        toks = sample(probs, [reqs[i].generator for i in rows]).tolist()
+        dist = compact(logits_to_probs(logits[sel], params), support)
+        toks = sample_sparse(dist, [reqs[i].generator for i in rows]).tolist()
         for j, i in enumerate(rows):
             drafts[i].tokens.append(toks[j])
             if drafts[i].probs is not None:
-                drafts[i].probs.append(probs[j])
+                drafts[i].probs.append(dist[j:j + 1])
         depth += 1
         # The last draft is not fed back: verification decides whether it (and the bonus) enters the cache.
         active = [i for i in rows if reqs[i].k > depth]
@@ -64,7 +69,7 @@ def propose(runner: ModelRunner, reqs: list[DraftRequest]) -> list[Draft]:
                  for i in active]
     for d in drafts:
         if d.probs is not None:
-            d.probs = torch.stack(d.probs) if d.probs else None
+            d.probs = SparseProbs.cat(d.probs) if d.probs else None
     return drafts
 
 
@@ -74,7 +79,7 @@ class VerifyRequest:
     start: int
     tokens: list[int]  # committed tokens not cached yet (the last accepted one, or the whole prompt at prefill)
     drafts: list[int]
-    draft_probs: torch.Tensor | None  # [len(drafts), V] when sampled
+    draft_probs: SparseProbs | torch.Tensor | None  # [len(drafts), S] when sampled ([len(drafts), V] dense too)
     params: SamplingParams
     generator: torch.Generator | None = None
 
@@ -109,9 +114,21 @@ def verify_batch(runner: ModelRunner, reqs: list[VerifyRequest]) -> VerifyResult
     target = out.logits[t["index"]]  # [B, K+1, V]
     draft_probs = None
     if any(not r.params.greedy for r in reqs):  # sampled rows need a q even with no drafts: zeros, never read
-        draft_probs = torch.zeros(B, K, target.shape[-1], device=device)
+        given = {b: _sparse(r.draft_probs) for b, r in enumerate(reqs) if r.drafts and r.draft_probs is not None}
+        width = max((q.width for q in given.values()), default=1)
+        ids = torch.zeros(B, K, width, dtype=torch.long, device=device)
+        probs = torch.zeros(B, K, width, device=device)
         for b, r in enumerate(reqs):
-            if r.drafts and r.draft_probs is not None:
-                draft_probs[b, : len(r.drafts)] = r.draft_probs
+            if b in given:
+                q = given[b].padded(width).to(device)
+                ids[b, : len(r.drafts)], probs[b, : len(r.drafts)] = q.ids, q.probs
+        draft_probs = SparseProbs(ids, probs)
     return verify(t["drafts"].long(), t["lens"].long(), target, draft_probs, [r.params for r in reqs],
                   [r.generator for r in reqs])
+
+
+def _sparse(q: SparseProbs | torch.Tensor) -> SparseProbs:
+    """A dense [n, V] distribution as the SparseProbs of its whole vocabulary (same values)."""
+    if isinstance(q, SparseProbs):
+        return q
+    return SparseProbs(torch.arange(q.shape[-1], device=q.device).expand(q.shape), q.float())

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import time
 
-import torch
-
+from minedraft.runtime.sampling import SparseProbs
 from minedraft.runtime.speculative import DraftRequest, propose
 from minedraft.v1 import model_service_pb2 as pb, model_service_pb2_grpc as pb_grpc
 from services.model_service import ModelService
@@ -34,10 +33,10 @@ class DrafterService(ModelService):
         for s, d in zip(batch.seqs, drafts):
             probs_row = -1
             if d.probs is not None:
-                probs_row, row = row, row + d.probs.shape[0]
+                probs_row, row = row, row + len(d.tokens)
                 rows.append(d.probs)
             out.seqs.add(seq_id=s.seq_id, tokens=d.tokens, probs_row=probs_row)
-        if rows:
-            out.probs.CopyFrom(self.exporter.export(torch.cat(rows).float(), batch.transport or "inline"))
+        if rows:  # one buffer for the batch: int32 [rows, 2, S] (sampling.SparseProbs.pack)
+            out.probs.CopyFrom(self.exporter.export(SparseProbs.cat(rows).pack(), batch.transport or "inline"))
         out.compute_ms = (time.perf_counter() - t) * 1e3
         return out

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import time
 
+import torch
+
+from minedraft.runtime.sampling import SparseProbs
 from minedraft.runtime.speculative import VerifyRequest, verify_batch
 from minedraft.v1 import model_service_pb2 as pb, model_service_pb2_grpc as pb_grpc
 from services.model_service import ModelService
@@ -23,16 +26,13 @@ class VerifierService(ModelService):
         t = time.perf_counter()
         for ref in batch.discard:
             self.importer.discard(ref)
-        q = self.importer.open(batch.draft_probs) if batch.HasField("draft_probs") else None
-        vocab = self.model.arch.vocab_size
-        if q is not None and (q.dim() != 2 or q.shape[1] != vocab):
-            raise ValueError(f"draft probabilities must be [rows, {vocab}], got {list(q.shape)}")
+        q = self._draft_probs(self.importer.open(batch.draft_probs)) if batch.HasField("draft_probs") else None
         reqs = []
         for s in batch.seqs:
             params, gen = self.seq_state(s.seq_id, s.start, s.sampling, owned)
             probs = None
             if s.drafts and not params.greedy:
-                if q is None or s.probs_row < 0 or s.probs_row + len(s.drafts) > q.shape[0]:
+                if q is None or s.probs_row < 0 or s.probs_row + len(s.drafts) > q.ids.shape[0]:
                     raise ValueError(f"sequence {s.seq_id!r} samples but its draft probabilities are missing")
                 probs = q[s.probs_row: s.probs_row + len(s.drafts)]
             reqs.append(VerifyRequest(s.seq_id, s.start, list(s.tokens), list(s.drafts), probs, params, gen))
@@ -44,3 +44,13 @@ class VerifierService(ModelService):
             out.seqs.add(seq_id=s.seq_id, num_accepted=n, tokens=toks)
         out.compute_ms = (time.perf_counter() - t) * 1e3
         return out
+
+    def _draft_probs(self, packed) -> SparseProbs:
+        """The drafter's distributions, checked before use: a bad id would index outside the vocabulary."""
+        q = SparseProbs.unpack(packed)
+        vocab = self.model.arch.vocab_size
+        if q.ids.numel() and (int(q.ids.min()) < 0 or int(q.ids.max()) >= vocab):
+            raise ValueError(f"draft probabilities name tokens outside the vocabulary [0, {vocab})")
+        if not bool(torch.isfinite(q.probs).all()) or bool((q.probs < 0).any()):
+            raise ValueError("draft probabilities must be finite and >= 0")
+        return q
