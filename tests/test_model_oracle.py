@@ -72,6 +72,11 @@ def test_greedy_generation_matches_hf_generate(family, tmp_path):
         assert [s.output for s in sd] == expected, f"k={k}"
         accepted, drafted = sum(s.accepted for s in sd), sum(s.drafted for s in sd)
         assert 0 < accepted < drafted, "the noisy draft should exercise both acceptance and rejection"
+    # Confidence-stopped drafts (shorter and of varying length per sequence and step) change nothing either.
+    sd = generate(target, make_sequences(prompts, greedy, budgets, 256, ignore_eos=True), draft=draft, k=6,
+                  min_confidence=0.5)
+    assert [s.output for s in sd] == expected
+    assert sum(s.drafted for s in sd) < 6 * sum(s.verify_steps - 1 for s in sd)  # some drafts were cut short
     assert target.cache.used_blocks == 0 and draft.cache.used_blocks == 0
 
 

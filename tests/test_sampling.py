@@ -486,3 +486,59 @@ def test_compact_draft_keeps_rejection_sampling_exact_at_a_large_vocabulary():
     assert stats.chisquare(np.bincount(cells, minlength=len(expected)), expected * len(first)).pvalue > ALPHA
     q0 = q.dense(v)[0].numpy()
     assert stats.binomtest(accepted, has_draft, np.minimum(p[0], q0).sum()).pvalue > ALPHA
+
+
+# ---------------------------------------------------------------- confidence-stopped drafts
+
+
+def peaked(rng, v: int, top: float) -> np.ndarray:
+    d = mixed_dist(rng, v) * (1 - top)
+    d[rng.integers(v)] += top
+    return d / d.sum()
+
+
+@pytest.mark.parametrize("rule, lossless", [("stopping time", True), ("sampled token's own probability", False)])
+def test_confidence_stopped_drafts_keep_the_target_distribution(rule, lossless):
+    """FlexDraft's rule: draft position j only while the running product of confidences stays >= tau, so the draft
+    length depends on the drafts. Rejection sampling stays exact when that decision is a stopping time of the draft
+    process: whether position j is drafted is decided from what is known before its token is drawn (the top
+    probability of q_j, and the tokens before it). Every position then yields a token distributed as the target's
+    conditional: a drafted one via accept-or-residual, an undrafted one as the bonus from p, and which of the two
+    happens is independent of the token that would have been drawn. The rule minedraft uses (speculative.propose).
+
+    Deciding from the sampled token's own probability instead is not a stopping time: keeping a draft only when q(d)
+    is high means the proposal is q restricted to likely tokens, while the verifier judges by q, and the output is
+    biased. The second case shows that this test detects exactly that."""
+    rng = np.random.default_rng(7)
+    b, k, v, tau = 40000, 2, 6, 0.3
+    p0, q0 = mixed_dist(rng, v), peaked(rng, v, 0.5)
+    p1 = np.stack([mixed_dist(rng, v) for _ in range(v)])
+    q1 = np.stack([peaked(rng, v, 0.8 if x % 2 else 0.1) for x in range(v)])  # confident after odd tokens only
+    t = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
+    uniform = torch.full((b, v), 1.0 / v)
+
+    torch.manual_seed(3)
+    x1 = sample(t(q0).expand(b, v), [None] * b)
+    x2 = sample(t(q1)[x1], [None] * b)
+    if lossless:  # the first draft always; the second iff max q0 * max q1[x1] >= tau
+        lens = 1 + (t(q1)[x1].max(-1).values * q0.max() >= tau).long()
+    else:  # keep the leading drafts whose own probabilities' product stays >= tau (possibly none)
+        c1 = t(q0)[x1]
+        c2 = c1 * t(q1)[x1].gather(1, x2[:, None]).squeeze(1)
+        lens = (c1 >= tau).long() + ((c1 >= tau) & (c2 >= tau)).long()
+    target = torch.stack([t(p0).expand(b, v), t(p1)[x1], uniform], 1)
+    drafts = torch.stack([t(q0).expand(b, v), t(q1)[x1]], 1)
+    res = verify_rejection(torch.stack([x1, x2], 1), lens, drafts, target, [None] * b)
+
+    short = [i for i, toks in enumerate(res.tokens) if len(toks) == 1]
+    y = torch.tensor([res.tokens[i][0] for i in short])
+    res2 = verify_rejection(sample(t(q1)[y], [None] * len(short))[:, None], torch.ones(len(short), dtype=torch.long),
+                            t(q1)[y][:, None], torch.stack([t(p1)[y], uniform[: len(short)]], 1),
+                            [None] * len(short))
+    second = {i: toks[1] for i, toks in enumerate(res.tokens) if len(toks) > 1}
+    second.update({i: toks[0] for i, toks in zip(short, res2.tokens)})
+    pairs = np.array([res.tokens[i][0] * v + second[i] for i in range(b)])
+    counts = lens.bincount(minlength=k + 1).tolist()
+    assert sum(c > b // 10 for c in counts) >= 2, counts  # the rule really varies the draft length
+    pvalue = chi2_pvalue(pairs, (p0[:, None] * p1).ravel())
+    assert (pvalue > ALPHA) if lossless else (pvalue < 1e-9), pvalue

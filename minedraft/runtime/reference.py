@@ -31,9 +31,11 @@ def _verify(target: ModelRunner, seqs: list[Sequence], drafts: list[Draft], gens
         s.on_verified(len(d.tokens), n, toks)
 
 
-def generate(target: ModelRunner, seqs: list[Sequence], draft: ModelRunner | None = None, k: int = 4) -> list[Sequence]:
-    """Decode every sequence to completion, all in one batch. With `draft`, standard SD (draft then verify);
-    without, target-only. Frees the KV of every sequence before returning."""
+def generate(target: ModelRunner, seqs: list[Sequence], draft: ModelRunner | None = None, k: int = 4,
+             min_confidence: float = 0.0) -> list[Sequence]:
+    """Decode every sequence to completion, all in one batch. With `draft`, standard SD (draft then verify; drafts
+    stopped by confidence with `min_confidence`); without, target-only. Frees the KV of every sequence before
+    returning."""
     tgens = {s.seq_id: s.params.make_generator(salt=0) for s in seqs}
     dgens = {s.seq_id: s.params.make_generator(salt=1) for s in seqs}
     try:
@@ -41,7 +43,8 @@ def generate(target: ModelRunner, seqs: list[Sequence], draft: ModelRunner | Non
         while live := [s for s in seqs if not s.finished]:
             drafts = [NO_DRAFT] * len(live)
             if draft is not None:
-                reqs = [DraftRequest(s.seq_id, *s.draft_input(), s.draft_len(k), s.params, dgens[s.seq_id]) for s in live]
+                reqs = [DraftRequest(s.seq_id, *s.draft_input(), s.draft_len(k), s.params, dgens[s.seq_id],
+                                     min_confidence) for s in live]
                 drafts = propose(draft, reqs)
                 for s, d in zip(live, drafts):
                     s.on_drafted(len(d.tokens))

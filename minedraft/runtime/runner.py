@@ -128,12 +128,16 @@ class ModelRunner:
         return self.forward(items).item_logits()
 
     # ---- greedy continuation on the device -------------------------------------------------------------------------
-    def greedy_continue(self, items: list[Extend], steps: list[int]) -> list[list[int]]:
+    def greedy_continue(self, items: list[Extend], steps: list[int],
+                        min_confidence: list[float] | None = None) -> list[list[int]]:
         """Append each item's tokens, then generate steps[i] greedy tokens for it, feeding each argmax back on the
         device; one copy to the host at the end. The last generated token is not fed (its k/v is not cached), exactly
-        as a loop of `step` calls would leave it. steps[i] == 0 only caches the item's tokens."""
+        as a loop of `step` calls would leave it. steps[i] == 0 only caches the item's tokens. With `min_confidence`,
+        an item stops early once the product of its tokens' probabilities would fall below its threshold."""
         if not items:
             return []
+        if min_confidence is not None:
+            return self._greedy_until_unsure(items, steps, min_confidence)
         extra = [max(s - 1, 0) for s in steps]
         self.validate(items, extra)
         first = self.forward(items)  # resizes to start + len(tokens); validated the rest above
@@ -178,6 +182,32 @@ class ModelRunner:
                 if steps[i] > len(drafted[i]):
                     drafted[i].append(flat[at])
                 at += 1
+        return drafted
+
+    def _greedy_until_unsure(self, items: list[Extend], steps: list[int], taus: list[float]) -> list[list[int]]:
+        """greedy_continue with confidence stops: token j + 1 of an item is made only while the product of the top
+        probabilities of its tokens 1..j+1 stays >= its tau (the first token always). The decision is taken on the
+        host, so this costs one device-to-host copy per step (the price of stopping early)."""
+        self.validate(items, [max(s - 1, 0) for s in steps])
+        first = self.forward(items)
+        top, best = first.logits[[hi - 1 for _, hi in first.spans]].float().softmax(-1).max(-1)
+        drafted = [[t] if s else [] for t, s in zip(best.tolist(), steps)]
+        confidence = top.tolist()
+        base = [it.start + len(it.tokens) for it in items]
+        alive = [i for i, s in enumerate(steps) if s > 1]
+        for d in range(1, max(steps, default=0)):
+            alive = [i for i in alive if steps[i] > d]
+            if not alive:
+                break
+            out = self.forward([Extend(items[i].seq_id, base[i] + d - 1, [drafted[i][-1]]) for i in alive])
+            top, best = out.logits.float().softmax(-1).max(-1)
+            keep = []
+            for i, p, t in zip(alive, top.tolist(), best.tolist()):
+                if confidence[i] * p >= taus[i]:
+                    confidence[i] *= p
+                    drafted[i].append(t)
+                    keep.append(i)
+            alive = keep
         return drafted
 
     def capture_graphs(self, batch_sizes: list[int], queries: list[int], max_len: int) -> int:

@@ -27,6 +27,7 @@ class DraftRequest:
     k: int  # drafts wanted; 0 = only cache `tokens` (prefill)
     params: SamplingParams
     generator: torch.Generator | None = None
+    min_confidence: float = 0.0  # stop drafting once the running product of draft confidences would fall below it
 
 
 @dataclass
@@ -36,16 +37,26 @@ class Draft:
 
 
 def propose(runner: ModelRunner, reqs: list[DraftRequest], support: int = DRAFT_SUPPORT) -> list[Draft]:
-    """k autoregressive draft steps for a whole batch; sequences wanting fewer drafts drop out early.
+    """Up to k autoregressive draft steps for a whole batch; sequences wanting fewer drafts drop out early.
+
+    Confidence-stopped drafting (FlexDraft's rule): a sequence's j-th draft is made only while the running product of
+    the confidences of drafts 1..j stays >= its `min_confidence` (the first draft is always made). A draft's
+    confidence is the top probability of the distribution it is drawn from (the greedy token's own probability under
+    the plain softmax), known before the draft is drawn: so whether position j is drafted never depends on the token
+    drawn there, the draft length is a stopping time of the draft process, and verification stays exact (see
+    tests/test_sampling.py).
 
     All-greedy batches run the whole loop on the device (`greedy_continue`: argmax fed back, one copy to the host);
     a batch with a sampled request drafts step by step, since each step's sample draws from a host generator."""
     items = [Extend(r.seq_id, r.start, r.tokens) for r in reqs]
     if not reqs:
         return []
+    taus = [r.min_confidence for r in reqs]
     if all(r.params.greedy or r.k == 0 for r in reqs):
-        return [Draft(toks, None) for toks in runner.greedy_continue(items, [r.k for r in reqs])]
+        return [Draft(toks, None) for toks in runner.greedy_continue(items, [r.k for r in reqs],
+                                                                     taus if any(taus) else None)]
     drafts = [Draft([], [] if not r.params.greedy else None) for r in reqs]
+    confidence = [1.0] * len(reqs)  # running product per sequence
     active = list(range(len(reqs)))
     depth = 0
     while items:
@@ -56,7 +67,18 @@ def propose(runner: ModelRunner, reqs: list[DraftRequest], support: int = DRAFT_
             break
         sel = [active.index(i) for i in rows]
         params = [reqs[i].params for i in rows]
-        dist = compact(logits_to_probs(logits[sel], params), support)
+        probs = logits_to_probs(logits[sel], params)
+        if any(taus[i] for i in rows):
+            top = torch.where(torch.tensor([p.greedy for p in params], device=probs.device),
+                              logits[sel].float().softmax(-1).amax(-1), probs.amax(-1)).tolist()
+            keep = [j for j, i in enumerate(rows) if depth == 0 or confidence[i] * top[j] >= taus[i]]
+            for j in keep:
+                confidence[rows[j]] *= top[j]
+            rows, probs = [rows[j] for j in keep], probs[keep]
+            params = [params[j] for j in keep]
+            if not rows:
+                break
+        dist = compact(probs, support)
         toks = sample_sparse(dist, [reqs[i].generator for i in rows]).tolist()
         for j, i in enumerate(rows):
             drafts[i].tokens.append(toks[j])
