@@ -54,7 +54,7 @@ ENV MINEDRAFT_ROUTER_HOST=0.0.0.0 \
     MINEDRAFT_VERIFIER_CPU_CORE=-2
 
 USER 10001:10001
-EXPOSE 50051 50061 50062
+EXPOSE 50051 8000 50061 50062
 
 # gRPC health of whichever service this container runs (the port is detected; see minedraft/healthcheck.py).
 HEALTHCHECK --interval=10s --timeout=5s --start-period=300s --retries=3 CMD ["python", "-m", "minedraft.healthcheck"]

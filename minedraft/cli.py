@@ -17,7 +17,8 @@ def _up(args) -> int:
                    "--host", args.host]
     if args.trace_file:
         router_args += ["--trace-file", args.trace_file]
-    cluster = Cluster(mode=args.mode, router_port=args.port, target=args.target, draft=args.draft,
+    cluster = Cluster(mode=args.mode, router_port=args.port, http_port=args.http_port or None, target=args.target,
+                      draft=args.draft,
                       device=args.device, router_args=router_args, log_dir=args.log_dir,
                       drain_timeout_s=args.drain_timeout_s)
     print(f"starting drafter, verifier and router ({args.mode}) ...", flush=True)
@@ -28,7 +29,8 @@ def _up(args) -> int:
         print(f"start-up failed: {exc}", file=sys.stderr)
         return 1
     pids = ", ".join(f"{role} {p.pid}" for role, p in sorted(cluster.procs.items()))
-    print(f"ready in {time.monotonic() - t:.1f}s: gRPC on {args.host}:{cluster.router_port} (pids: {pids})\n"
+    http = f", HTTP (OpenAI API, /metrics) on {args.host}:{cluster.http_port}" if cluster.http_port else ""
+    print(f"ready in {time.monotonic() - t:.1f}s: gRPC on {args.host}:{cluster.router_port}{http} (pids: {pids})\n"
           f"  try:  minedraft generate \"Tell me about the sea\" --address 127.0.0.1:{cluster.router_port}\n"
           "A process that exits is restarted; Ctrl-C stops everything.", flush=True)
     signal.signal(signal.SIGTERM, _interrupt)  # `kill <pid>` stops as gracefully as Ctrl-C
@@ -72,15 +74,17 @@ def _channel(args):
 def _generate(args) -> int:
     import grpc
 
-    from minedraft.demo.data import render_chat
     from minedraft.v1 import common_pb2, generate_pb2 as gpb, generate_pb2_grpc
 
-    prompt = args.prompt if args.raw else render_chat(args.prompt)
     sampling = common_pb2.SamplingOptions(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     if args.seed is not None:
         sampling.seed = args.seed
-    req = gpb.GenerateRequest(prompt=prompt, max_new_tokens=args.max_new_tokens, sampling=sampling, stop=args.stop,
+    req = gpb.GenerateRequest(max_new_tokens=args.max_new_tokens, sampling=sampling, stop=args.stop,
                               ignore_eos=args.ignore_eos)
+    if args.raw:
+        req.prompt = args.prompt
+    else:  # the server applies the target's chat template
+        req.messages.messages.add(role="user", content=args.prompt)
     ch, metadata = _channel(args)
     with ch:
         stub = generate_pb2_grpc.GenerationStub(ch)
@@ -99,10 +103,9 @@ def _generate(args) -> int:
             print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
     s, u = last.speculation, last.usage
-    rate = s.accepted_tokens / s.drafted_tokens if s.drafted_tokens else 0.0
     print(f"[{gpb.FinishReason.Name(last.finish_reason)}; {u.prompt_tokens} prompt + {u.completion_tokens} new tokens; "
-          f"{s.verify_steps} target steps; acceptance {rate:.2f} ({s.accepted_tokens}/{s.drafted_tokens})]",
-          file=sys.stderr)
+          f"{s.verify_steps} target steps; acceptance {s.acceptance_rate:.2f} ({s.accepted_tokens}/{s.drafted_tokens}),"
+          f" {s.mean_acceptance_length:.2f} tokens per draft]", file=sys.stderr)
     return 0
 
 
@@ -157,6 +160,8 @@ def main(argv=None) -> int:
     up.add_argument("--mode", choices=["ar", "sd", "psd"], default="psd")
     up.add_argument("--port", type=int, default=ROLES["router"].port, help="public gRPC port")
     up.add_argument("--host", default="127.0.0.1", help="address the router listens on")
+    up.add_argument("--http-port", type=int, default=8000, help="OpenAI-compatible HTTP API, /health and /metrics "
+                    "(0 = off)")
     up.add_argument("--target", default="", help="target checkpoint directory (default: the demo target)")
     up.add_argument("--draft", default="", help="draft checkpoint directory (default: the demo draft)")
     up.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N, for both model services")
@@ -181,7 +186,8 @@ def main(argv=None) -> int:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--ignore-eos", action="store_true")
-    gen.add_argument("--raw", action="store_true", help="send the prompt as is (default: the demo chat format)")
+    gen.add_argument("--raw", action="store_true", help="send the prompt as raw text (default: as a user message, "
+                     "which the server renders with the model's chat template)")
     gen.add_argument("--no-stream", action="store_true", help="unary Generate instead of GenerateStream")
     gen.add_argument("--timeout", type=float, default=300)
     gen.set_defaults(fn=_generate)

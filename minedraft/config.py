@@ -64,10 +64,11 @@ class ModelServiceConfig:
 
 @dataclass
 class RouterConfig:
-    """The public gRPC endpoint and the PSD scheduler."""
+    """The public endpoints (gRPC, and the OpenAI-compatible HTTP API) and the PSD scheduler."""
 
     host: str = "127.0.0.1"  # address to listen on (0.0.0.0 in containers)
     port: int = ROLES["router"].port  # public Generate API
+    http_port: int = 0  # OpenAI-compatible HTTP API with /health and /metrics on this port; 0 = off (up: 8000)
     drafters: str = f"127.0.0.1:{ROLES['drafter'].port}"  # drafter address(es), comma separated
     verifiers: str = f"127.0.0.1:{ROLES['verifier'].port}"  # verifier address(es), comma separated
     tokenizer: str = ""  # tokenizer directory (default: the demo target)
@@ -97,6 +98,8 @@ class RouterConfig:
             raise ValueError(f"mode must be one of {MODES}, got {c.mode!r}")
         if c.num_speculative_tokens < 1 or c.max_batch_size < 1 or c.max_queue < 0:
             raise ValueError("num_speculative_tokens and max_batch_size must be >= 1, max_queue >= 0")
+        if not 0 <= c.http_port < 65536:
+            raise ValueError(f"http_port must be 0 (off) or a port number, got {c.http_port}")
         if c.drain_timeout_s < 0:
             raise ValueError("drain_timeout_s must be >= 0")
         return c

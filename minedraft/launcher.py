@@ -69,6 +69,7 @@ class Cluster:
 
     mode: str = "psd"
     router_port: int = 0
+    http_port: int | None = None  # the router's HTTP API (OpenAI-compatible, /metrics): None = off, 0 = a free port
     drafter_port: int = 0
     verifier_port: int = 0
     target: str = ""
@@ -92,6 +93,13 @@ class Cluster:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.router_port}"
+
+    @property
+    def http_url(self) -> str:
+        """Base URL of the router's HTTP API ('' when it is off)."""
+        if self.http_port is None:
+            return ""
+        return f"{'https' if self.public_tls else 'http'}://127.0.0.1:{self.http_port}"
 
     def _spawn(self, role: str, module: str, args: list[str]) -> subprocess.Popen:
         env = dict(os.environ, PYTHONUNBUFFERED="1", MINEDRAFT_PARENT_PID=str(os.getpid()))
@@ -165,6 +173,8 @@ class Cluster:
 
     def start(self, timeout_s: float = 300.0) -> "Cluster":
         self.router_port = self.router_port or free_port()
+        if self.http_port is not None:
+            self.http_port = self.http_port or free_port()
         self.drafter_port = self.drafter_port or free_port()
         self.verifier_port = self.verifier_port or free_port()
         service_security, router_security = self._security_args()
@@ -187,7 +197,8 @@ class Cluster:
             r = self._spawn("router", "services.router", [
                 "--port", str(self.router_port), "--mode", self.mode, "--verifiers", addresses["verifiers"],
                 "--drafters", addresses["drafters"], *(["--tokenizer", self.target] if self.target else []),
-                "--drain-timeout-s", str(self.drain_timeout_s), *router_security, *self.router_args])
+                "--drain-timeout-s", str(self.drain_timeout_s), *router_security,
+                *(["--http-port", str(self.http_port)] if self.http_port is not None else []), *self.router_args])
             for role in verifiers + drafters:
                 wait_serving(f"127.0.0.1:{self.port_of(role)}", timeout_s, self.procs[role],
                              credentials=self.credentials("verifier"))

@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -50,6 +52,34 @@ def step_error(exc: BaseException) -> common_pb2.StepError:
     return common_pb2.StepError(code=code.value[0], message=str(exc))
 
 
+class BusyWindow:
+    """How much of the last `window_s` seconds went into steps, a step still running included. Steps run on the step
+    thread and GetModelInfo asks on the event loop, hence the lock; it is held for microseconds."""
+
+    def __init__(self, window_s: float = 10.0):
+        self.window_s = window_s
+        self._steps: deque[tuple[float, float]] = deque()  # (start, end) of recent steps, oldest first
+        self._running_since: float | None = None
+        self._lock = threading.Lock()
+
+    def started(self, t: float) -> None:
+        with self._lock:
+            self._running_since = t
+
+    def ended(self, t: float) -> None:
+        with self._lock:
+            self._steps.append((self._running_since if self._running_since is not None else t, t))
+            self._running_since = None
+            while self._steps and self._steps[0][1] < t - self.window_s:
+                self._steps.popleft()
+
+    def fraction(self, now: float) -> float:
+        since = now - self.window_s
+        with self._lock:
+            spans = list(self._steps) + ([(self._running_since, now)] if self._running_since is not None else [])
+        return sum(max(0.0, end - max(start, since)) for start, end in spans) / self.window_s
+
+
 class ModelService:
     """Base of DrafterService and VerifierService. A subclass declares its role (name, gRPC service, the request field
     that carries its batch step, its response type, its sampling salt) as class attributes and implements `work`."""
@@ -70,6 +100,7 @@ class ModelService:
         self.params: dict[str, SamplingParams] = {}
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.role}-step")
         self.busy_s = 0.0
+        self.busy_window = BusyWindow()
         self.sessions = 0  # open router sessions; exported buffers are dropped when the last one closes
 
     def load(self) -> None:
@@ -125,7 +156,8 @@ class ModelService:
                             device=str(self.device), instance_id=self.instance_id, host_id=host_id(),
                             tokenizer_digest=self.tokenizer_digest, block_size=self.runner.cache.block_size,
                             kv_blocks_in_use=self.runner.cache.used_blocks, active_sequences=len(self.params),
-                            live_buffers=self.exporter.live, busy_seconds=self.busy_s)
+                            live_buffers=self.exporter.live, busy_seconds=self.busy_s,
+                            busy_fraction=self.busy_window.fraction(time.perf_counter()))
 
     async def ProbeTransport(self, request: pb.ProbeRequest, context) -> pb.ProbeReply:
         """Negotiation: create a test buffer (producer) or open one and report its digest (consumer). A consumer that
@@ -176,10 +208,13 @@ class ModelService:
 
     def _timed_step(self, req, owned: set[str]):
         t = time.perf_counter()
+        self.busy_window.started(t)
         try:
             return self.step(req, owned)
         finally:
-            self.busy_s += time.perf_counter() - t
+            end = time.perf_counter()
+            self.busy_s += end - t
+            self.busy_window.ended(end)
 
     work_kind = ""  # "propose" (drafter) or "verify" (verifier): the request field that carries a batch step
     response_cls = None

@@ -31,6 +31,7 @@ class Sequence:
     target_cached: int = 0  # leading `tokens` the verifier's KV holds
     drafted: int = 0
     accepted: int = 0
+    drafts: int = 0  # verify steps that checked drafts (mean acceptance length = 1 + accepted / drafts)
     verify_steps: int = 0
     finish_reason: str | None = None
 
@@ -71,6 +72,7 @@ class Sequence:
         old = len(self.tokens)
         self.drafted += num_drafts
         self.accepted += num_accepted
+        self.drafts += int(num_drafts > 0)
         self.verify_steps += 1
         self.target_cached = old + num_accepted
         self.draft_cached = min(self.draft_cached, old + num_accepted)

@@ -29,6 +29,7 @@ import grpc
 from minedraft.config import RouterConfig
 from minedraft.v1 import model_service_pb2 as pb
 from services.router.clients import ModelClient, ServiceError
+from services.router.metrics import LaneMetrics
 from services.router.negotiation import negotiate
 from services.router.releases import PendingReleases
 from services.router.request import DRAFT, PREFILL, VERIFY, PendingDraft, QueueFull, Request
@@ -58,11 +59,12 @@ class Lane:
     and `hand_over` only."""
 
     def __init__(self, cfg: RouterConfig, verifier: ModelClient, drafter: ModelClient | None, transport: str,
-                 replicas: Replicas | None = None, trace: Trace | None = None):
+                 replicas: Replicas | None = None, trace: Trace | None = None, metrics: LaneMetrics | None = None):
         self.cfg, self.mode, self.k = cfg, cfg.mode, cfg.num_speculative_tokens
         self.verifier, self.drafter, self.transport = verifier, drafter, transport
         self.replicas = replicas
         self.trace = trace if trace is not None else Trace(cfg.trace_file)
+        self.metrics = metrics if metrics is not None else LaneMetrics()
         self.waiting: deque[Request] = deque()
         self.batches: tuple[list[Request], list[Request]] = ([], [])
         self.cur = 0  # index of S, the batch verified next
@@ -170,6 +172,7 @@ class Lane:
             self.waiting.popleft()
             reserved = [r + n for r, n in zip(reserved, need)]
             self.batches[(self.cur + slot) % 2].append(req)
+            req.on_admitted()
 
     def _forget_on_drafter(self, req: Request) -> None:
         """The drafter need not keep this sequence's cache any more (release rides on its next step)."""
@@ -294,6 +297,7 @@ class Lane:
             if err is not None:
                 await self._lost(err)  # raises if the requests cannot go on
         self.trace.tick(self.ticks, t0, time.perf_counter(), len(S), len(O))
+        self.metrics.tick(self.mode if speculate else "ar", self.k)
         self.ticks += 1
         if self.mode == "psd" and verr is None:
             self.cur ^= 1
@@ -374,7 +378,9 @@ class Lane:
         end_t = time.perf_counter()
         for r, v in zip(reqs, resp.verify.seqs):
             draft = r.drop_draft()
-            emitted = r.seq.on_verified(len(draft.tokens) if draft else 0, v.num_accepted, list(v.tokens))
+            drafted = len(draft.tokens) if draft else 0
+            emitted = r.seq.on_verified(drafted, v.num_accepted, list(v.tokens))
+            self.metrics.verified(drafted, v.num_accepted, len(emitted))
             if draft is not None and draft.buffer:
                 self.releases.drafter_buffers.append(draft.buffer)
             if emitted and not r.cancelled:

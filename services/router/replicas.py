@@ -21,6 +21,7 @@ from minedraft.config import RouterConfig
 from minedraft.v1 import generate_pb2 as gpb
 from services.router.clients import ModelClient, ServiceError, internal_credentials
 from services.router.lane import Lane
+from services.router.metrics import Metrics
 from services.router.negotiation import negotiate
 from services.router.request import QueueFull, Request, Unavailable
 
@@ -51,8 +52,9 @@ class ReplicaPool:
     watcher checks every verifier's health each second, so even an idle lane's lost verifier is noticed, and whoever
     registered with `on_serving_change` (the health service) hears of every change."""
 
-    def __init__(self, cfg: RouterConfig):
+    def __init__(self, cfg: RouterConfig, metrics: Metrics | None = None):
         self.cfg = cfg
+        self.metrics = metrics
         self.verifiers: dict[str, ModelClient] = {}
         self.drafters: dict[str, ModelClient] = {}
         self.lanes: dict[str, Lane] = {}  # keyed by verifier address
@@ -137,9 +139,8 @@ class ReplicaPool:
             try:
                 info = await client.status(timeout_s)
                 row.live, row.model, row.device = True, info.model_name, info.device
-                row.kv_blocks_in_use, row.active_sequences, row.busy_seconds = (info.kv_blocks_in_use,
-                                                                                info.active_sequences,
-                                                                                info.busy_seconds)
+                row.kv_blocks_in_use, row.active_sequences = info.kv_blocks_in_use, info.active_sequences
+                row.busy_seconds, row.busy_fraction = info.busy_seconds, info.busy_fraction
                 row.kv_blocks_total = info.kv_capacity_tokens // max(info.block_size, 1)
             except grpc.aio.AioRpcError as exc:
                 row.error = f"{exc.code().name}: {exc.details()}"
@@ -174,7 +175,8 @@ class ReplicaPool:
         if drafter is not None and drafter.info.tokenizer_digest != verifier.info.tokenizer_digest:
             raise SystemExit("drafter and verifier models use different vocabularies")
         transport = await negotiate(drafter, verifier, self.cfg.transport) if drafter else "inline"
-        lane = Lane(self.cfg, verifier, drafter, transport, replicas=self)
+        lane = Lane(self.cfg, verifier, drafter, transport, replicas=self,
+                    metrics=self.metrics.lane(self.cfg.mode) if self.metrics is not None else None)
         self.lanes[verifier.address] = lane
         self.max_len = lane.max_len if not self.max_len else min(self.max_len, lane.max_len)
         self.eos_ids = lane.eos_ids

@@ -8,6 +8,7 @@ prompt prefilled, one with a pending draft needs verifying, any other needs draf
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 
 from minedraft.runtime.sequence import Sequence
@@ -52,6 +53,8 @@ class Request:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)  # ("tokens", [ids]) | ("done", reason) | ("error", exc)
     cancelled: bool = False
     draft: PendingDraft | None = None
+    arrived: float = field(default_factory=time.monotonic)  # for the queue-time and latency metrics
+    admitted: float | None = None  # when it first joined a batch (a request moved to another lane keeps it)
 
     @property
     def seq_id(self) -> str:
@@ -62,6 +65,10 @@ class Request:
         if self.draft is not None:
             return VERIFY
         return PREFILL if self.seq.target_cached == 0 else DRAFT
+
+    def on_admitted(self) -> None:
+        if self.admitted is None:
+            self.admitted = time.monotonic()
 
     def cancel(self) -> None:
         """The client went away. The lane holding the request notices on its next iteration (a lane with requests

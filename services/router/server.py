@@ -1,5 +1,7 @@
 """Router process: connect to the model services (health-gated), check they form a valid pair, negotiate the tensor
-transport, start a lane per verifier, and serve the public Generation API (optionally over TLS, behind a bearer token)."""
+transport, start a lane per verifier, and serve the public APIs: gRPC Generation and, with --http-port, the
+OpenAI-compatible HTTP API with /health and /metrics (both optionally over TLS, behind a bearer token). Both run on one
+event loop over one Frontend, so they share admission, queues and metrics."""
 
 from __future__ import annotations
 
@@ -16,16 +18,19 @@ from minedraft.runtime.checkpoint import load_tokenizer, vocab_digest
 from minedraft.v1 import generate_pb2
 from services import common
 from services.router.api import BearerTokenAuth, GenerationServicer
+from services.router.frontend import BearerToken, Frontend
+from services.router.http_api import HttpServer, create_app
+from services.router.metrics import Metrics
 from services.router.replicas import ReplicaPool
 
 log = logging.getLogger("minedraft")
 SERVICE = generate_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
 
 
-async def build(cfg: config.RouterConfig):
-    """Everything but the listening socket: (replica pool with its lanes, tokenizer, server info)."""
+async def build(cfg: config.RouterConfig, metrics: Metrics | None = None):
+    """Everything but the listening sockets: (replica pool with its lanes, tokenizer, server info)."""
     tokenizer = load_tokenizer(cfg.tokenizer)
-    pool = ReplicaPool(cfg)
+    pool = ReplicaPool(cfg, metrics)
     await pool.start()
     verifier = next(iter(pool.verifiers.values()))
     if vocab_digest(tokenizer) != verifier.info.tokenizer_digest:
@@ -100,25 +105,34 @@ async def _serve(cfg: config.RouterConfig) -> None:
     server = common.make_server(cfg.max_message_mb, [BearerTokenAuth(token, [SERVICE])] if token else [])
     health = common.add_health_and_reflection(server, [SERVICE])
     await common.set_serving(health, [SERVICE], False)
-    # Listen first so health checks answer NOT_SERVING while we wait for the model services.
-    servicer = GenerationServicer()
-    add_generation_service(server, servicer)
+    # Listen first so health checks answer NOT_SERVING (HTTP: 503) while we wait for the model services.
+    metrics = Metrics()
+    frontend = Frontend(metrics)
+    add_generation_service(server, GenerationServicer(frontend))
     if not common.add_port(server, f"{cfg.host}:{cfg.port}", credentials):
         raise SystemExit(f"cannot listen on {cfg.host}:{cfg.port}")
     await server.start()
-    log.info("router listening on %s:%d (%s%s; mode %s, k=%d, batch %d)", cfg.host, cfg.port,
-             "TLS" if credentials else "plaintext", ", bearer token" if token else "", cfg.mode,
-             cfg.num_speculative_tokens, cfg.max_batch_size)
-    pool, tokenizer, info = await build(cfg)
-    servicer.attach(pool, tokenizer, info)
+    http = None
+    if cfg.http_port:
+        http = HttpServer(create_app(frontend, BearerToken(token) if token else None, cfg.max_message_mb << 20),
+                          cfg.host, cfg.http_port, cfg.tls_cert, cfg.tls_key)
+        await http.start()
+    log.info("router listening on %s:%d%s (%s%s; mode %s, k=%d, batch %d)", cfg.host, cfg.port,
+             f", HTTP on {cfg.http_port}" if http else "", "TLS" if credentials else "plaintext",
+             ", bearer token" if token else "", cfg.mode, cfg.num_speculative_tokens, cfg.max_batch_size)
+    pool, tokenizer, info = await build(cfg, metrics)
+    frontend.attach(pool, tokenizer, info)
     pool.on_serving_change(lambda serving: asyncio.ensure_future(common.set_serving(health, [SERVICE], serving)))
     log.info("router SERVING: %d verifier and %d drafter replicas (transport %s)", len(pool.verifiers),
              len(pool.drafters), pool.transport)
 
     async def drain_and_stop() -> None:
-        """SIGTERM / SIGINT: stop admitting, let what is in flight finish (up to --drain-timeout-s), then stop."""
+        """SIGTERM / SIGINT: stop admitting, let what is in flight finish (up to --drain-timeout-s), then stop (the
+        requests still running end UNAVAILABLE, over HTTP too, before its server closes)."""
         await pool.drain(cfg.drain_timeout_s)
         await pool.stop()
+        if http is not None:
+            await http.stop()
 
     await common.serve_until_signal(server, drain_and_stop)
 
