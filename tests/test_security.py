@@ -1,4 +1,4 @@
-"""Security: TLS + bearer token on the public API, mutual TLS between the router and the model services, and the
+"""Security: TLS + bearer token on the public APIs (gRPC and HTTP), mutual TLS between the router and the model services, and the
 capability checks on shared-memory tensor handles.
 
 A throwaway CA and certificates are made with the openssl CLI (the `cryptography` package is not a dependency).
@@ -8,6 +8,7 @@ plaintext cluster of test_e2e.py returns.
 
 from __future__ import annotations
 
+import json
 import secrets
 import shutil
 import subprocess
@@ -79,7 +80,7 @@ def cluster(pki, tmp_path_factory):
     with running_cluster(tmp_path_factory.mktemp("logs-secure"), mode="psd",
                          public_tls=TLSFiles(ca, *map(str, pki["router"])),
                          internal_tls=TLSFiles(ca, *map(str, pki["service"]), *map(str, pki["router_client"])),
-                         auth_token_file=str(pki["token_file"]),
+                         auth_token_file=str(pki["token_file"]), http_port=0,
                          router_args=["--max-batch-size", "4", "--num-speculative-tokens", "3", "--transport",
                                       "shm"]) as c:
         yield c
@@ -140,6 +141,30 @@ def test_right_token_over_tls_gives_the_plaintext_output(cluster, pki, expected)
                     for t in m.token_ids]
         assert streamed == want
         assert r.speculation.drafted_tokens > 0  # went through the drafter, over mTLS
+
+
+def test_http_api_takes_the_same_tls_and_token(cluster, pki, expected):
+    """HTTPS with the router's certificate; /v1/ needs the bearer token (401 otherwise, OpenAI's error shape);
+    /health and /metrics stay open; the output equals the gRPC one."""
+    assert cluster.http_url.startswith("https://")
+
+    def curl(path: str, *args: str, url: str = cluster.http_url) -> tuple[str, str]:
+        r = subprocess.run(["curl", "-sS", "--cacert", str(pki["ca"][0]), "-w", "\n%{http_code}", *args, url + path],
+                           capture_output=True, text=True, timeout=120)
+        body, _, code = r.stdout.rpartition("\n")
+        return code, body
+
+    body = json.dumps({"prompt": chat(PROMPTS[0]), "max_tokens": N, "temperature": 0, "ignore_eos": True,
+                       "return_token_ids": True})
+    for headers in ([], ["-H", "Authorization: Bearer not-the-token"], ["-H", f"Authorization: Basic {pki['token']}"]):
+        code, answer = curl("/v1/completions", *headers, "-d", body)
+        assert code == "401" and json.loads(answer)["error"]["code"] == "invalid_api_key", headers
+    assert curl("/v1/models")[0] == "401"
+    code, answer = curl("/v1/completions", "-H", f"Authorization: Bearer {pki['token']}", "-d", body)
+    assert code == "200" and json.loads(answer)["choices"][0]["token_ids"] == expected[0]
+    assert curl("/health")[0] == "200" and curl("/metrics")[0] == "200"
+    plain = "http://" + cluster.http_url.removeprefix("https://")
+    assert curl("/health", url=plain)[0] == "000"  # no plaintext answer from a TLS port
 
 
 def test_sampled_requests_use_shm_handles_over_mtls(cluster, pki):
