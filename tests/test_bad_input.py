@@ -122,6 +122,13 @@ CASES = [
     ("token id -1", GENERATE, ids(1, -1) + vfield(4, 4), INVALID, "outside the vocabulary"),
     ("token id 2^31-1", GENERATE, ids(2 ** 31 - 1) + vfield(4, 4), INVALID, "outside the vocabulary"),
     ("empty prompt_ids", GENERATE, lfield(3, b"") + vfield(4, 4), INVALID, "prompt is empty"),
+    ("messages: one user turn (control)", GENERATE, lfield(9, lfield(1, lfield(1, b"user") + lfield(2, b"Hello"))) +
+     vfield(4, 4), OK, ""),
+    ("messages: empty conversation", GENERATE, lfield(9, b"") + vfield(4, 4), INVALID, "messages is empty"),
+    ("messages: a turn without a role", GENERATE, lfield(9, lfield(1, lfield(2, b"Hello"))) + vfield(4, 4), INVALID,
+     "role is empty"),
+    ("messages: content not UTF-8", GENERATE, lfield(9, lfield(1, lfield(1, b"user") + lfield(2, b"\xff\xfe"))) +
+     vfield(4, 4), INVALID, "malformed"),
     ("packed ids truncated mid-varint", GENERATE, lfield(3, lfield(1, b"\x05\x85")) + vfield(4, 4), INVALID,
      "malformed"),
     ("prompt and prompt_ids both set (oneof: last wins)", GENERATE, lfield(2, PROMPT) + ids(5, 6, 7) + vfield(4, 4),

@@ -116,6 +116,7 @@ def test_supervised_up_survives_drafter_then_verifier_kill(tmp_path):
     logs = tmp_path / "logs"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     up = subprocess.Popen([sys.executable, "-m", "minedraft.cli", "up", "--port", str(port), "--log-dir", str(logs),
+                           "--http-port", str(free_port()),
                            "--target", TARGET, "--draft", DRAFT, "-k", "3", "--drain-timeout-s", "10"],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     address = f"127.0.0.1:{port}"
