@@ -90,7 +90,8 @@ def image(docker_engine):
 class Project:
     def __init__(self, name: str, port: int):
         self.name, self.port = name, port
-        self.env = dict(os.environ, MINEDRAFT_IMAGE=IMAGE, MINEDRAFT_PORT=str(port), COMPOSE_PROJECT_NAME=name)
+        self.env = dict(os.environ, MINEDRAFT_IMAGE=IMAGE, MINEDRAFT_PORT=str(port), COMPOSE_PROJECT_NAME=name,
+                        MINEDRAFT_HTTP_PORT=str(free_port()))
         self.log_file: Path | None = None  # `down` saves the project's logs here first
 
     def compose(self, *args: str, timeout: float = 600) -> str:
@@ -250,7 +251,7 @@ def test_swarm_stack_deploy(image, expected):
     if run(["docker", "info", "-f", "{{.Swarm.LocalNodeState}}"]).strip() != "inactive":
         pytest.skip("this Docker engine is already part of a swarm")
     name = f"minedraftswarm{os.getpid()}"
-    env = dict(os.environ, MINEDRAFT_IMAGE=image, MINEDRAFT_PORT=str(free_port()))
+    env = dict(os.environ, MINEDRAFT_IMAGE=image, MINEDRAFT_PORT=str(free_port()), MINEDRAFT_HTTP_PORT=str(free_port()))
     run(["docker", "swarm", "init", "--advertise-addr", "127.0.0.1"])
     try:
         run(["docker", "stack", "deploy", "-c", "docker-compose.yml", name], env=env)
