@@ -13,7 +13,9 @@ import asyncio
 import json
 import re
 import shutil
+import signal
 import subprocess
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,7 +26,7 @@ import pytest
 
 from minedraft.config import REPO_ROOT
 from minedraft.v1 import generate_pb2 as gpb, generate_pb2_grpc
-from support import BUDGETS, PROMPTS, TARGET, chat, wait_kv_free
+from support import BUDGETS, PROMPTS, TARGET, chat, running_cluster, wait_kv_free
 
 CLUSTER = dict(mode="psd", http_port=0, router_args=["--max-batch-size", "4", "--num-speculative-tokens", "3"])
 MODEL = Path(TARGET).name
@@ -260,6 +262,44 @@ def test_dashboard_uses_exposed_metrics(cluster):
     used = {m for e in exprs for m in re.findall(r"\b((?:vllm|minedraft):[a-z0-9_]+)", e)}
     exposed = {k.split("{")[0] for k in scrape(cluster)}
     assert used and not used - exposed, used - exposed
+
+
+def test_sigterm_drains_http_streams_and_refuses_new(tmp_path):
+    """Drain over HTTP as over gRPC: health 503 and new requests 503 at once, the running stream finishes whole."""
+    with running_cluster(tmp_path, mode="psd", http_port=0, drain_timeout_s=60, clean_exit=False) as c:
+        client = openai.OpenAI(base_url=c.http_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        stream = iter(client.completions.create(model=MODEL, prompt=chat(PROMPTS[2]), max_tokens=300,
+                                                temperature=0, stream=True,
+                                                extra_body={"ignore_eos": True, "return_token_ids": True}))
+        chunks = [next(stream)]
+        c.procs["router"].send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", c.http_url + "/health"],
+                             capture_output=True, text=True, timeout=10).stdout != "503":
+            assert time.monotonic() < deadline, "/health still 200 after SIGTERM"
+            time.sleep(0.05)
+        with pytest.raises(openai.APIStatusError) as exc:
+            client.completions.create(model=MODEL, prompt="hi", max_tokens=2)
+        assert exc.value.status_code == 503 and "draining" in exc.value.message
+        chunks += list(stream)
+        assert sum(len(ch.choices[0].token_ids) for ch in chunks) == 300
+        assert chunks[-1].choices[0].finish_reason == "length"
+        assert c.procs["router"].wait(30) == 0
+    log = (tmp_path / "router.log").read_text()
+    assert not [line for line in log.splitlines() if " WARNING " in line or " ERROR " in line], log[-3000:]
+
+
+def test_busy_window():
+    from services.model_service import BusyWindow
+
+    w = BusyWindow(window_s=10.0)
+    w.started(100.0)
+    w.ended(102.0)  # 2 s of work
+    w.started(105.0)  # running since 105
+    assert w.fraction(106.0) == pytest.approx(0.3)
+    w.ended(106.0)
+    assert w.fraction(111.0) == pytest.approx(0.2)  # the first step is half out of the window
+    assert w.fraction(200.0) == 0
 
 
 # ---- in process: the app without a cluster ---------------------------------------------------------------------------
