@@ -1,0 +1,128 @@
+"""What a step of each model service costs, as a function of its shape, fitted online from what the services report.
+
+A forward of the runtime costs about  c0 + c1 * tokens + c2 * attended  milliseconds: a fixed part (kernel launches,
+Python, reading the weights once: why batching pays), a part per new token (the matmuls), and a part per (new token,
+cached key) pair (attention). A verify step is one forward over every sequence's uncached tokens plus its drafts; a
+draft step of k is k forwards, the first over the sequences' uncached tokens, the others over one token each, with
+sequences dropping out as their drafts are complete. So both are sums of forward features, and one linear model per
+service, fitted by recursive least squares with forgetting, predicts any step the controller may consider: another
+batch size, another k, longer contexts.
+
+The services report the compute time of every step (`compute_ms`); what a call takes beyond it (serialization, the
+network, the services' own request handling) is tracked as a per-call overhead, and the router's own time per tick
+as another. All pure: no servers in here (tests/test_costs.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# Features are scaled so that typical values are O(1): the recursive least squares stays well conditioned.
+_SCALE = np.array([1.0, 1e-2, 1e-5])
+
+
+def forward_features(rows: list[tuple[int, int]]) -> np.ndarray:
+    """Features of one forward over sequences given as (cached length, new tokens): [1, tokens, attended]."""
+    tokens = sum(n for _, n in rows)
+    attended = sum(n * (start + (n + 1) / 2) for start, n in rows)
+    return np.array([1.0, tokens, attended]) * _SCALE if rows else np.zeros(3)
+
+
+def verify_features(rows: list[tuple[int, int]]) -> np.ndarray:
+    """A verify step: (cached length, uncached tokens + drafts) per sequence, one forward."""
+    return forward_features(rows)
+
+
+def draft_features(rows: list[tuple[int, int, int]]) -> np.ndarray:
+    """A draft step: (cached length, tokens fed first, forwards) per sequence. Forward d feeds every sequence with
+    more than d forwards: its first tokens at d = 0, one token (the previous draft) after."""
+    total, depth = np.zeros(3), 0
+    while True:
+        live = [(start, feed, n) for start, feed, n in rows if n > depth]
+        if not live:
+            return total
+        total += forward_features([(start, feed) if depth == 0 else (start + feed + depth - 1, 1)
+                                   for start, feed, _ in live])
+        depth += 1
+
+
+def draft_forwards(k: int, drafted: int) -> int:
+    """Forwards a sequence took part in: one per draft, plus the one whose low confidence stopped it early (it
+    computed the distribution of a draft that was not made)."""
+    return drafted if drafted >= k else drafted + 1
+
+
+@dataclass
+class LinearCost:
+    """ms ~ theta . features, by recursive least squares with exponential forgetting (`memory` steps, roughly)."""
+
+    theta: np.ndarray
+    cov: np.ndarray
+    memory: float = 200.0
+    updates: int = 0
+
+    @classmethod
+    def prior(cls, intercept_ms: float, per_token_ms: float, per_attended_ms: float = 0.0,
+              confidence: float = 1.0) -> "LinearCost":
+        theta = np.array([intercept_ms, per_token_ms, per_attended_ms]) / _SCALE
+        return cls(theta, np.eye(3) * (100.0 / confidence))
+
+    def predict(self, x: np.ndarray) -> float:
+        return max(float(x @ self.theta), 1e-3 * float(x[0]) if x[0] else 0.0)
+
+    def update(self, x: np.ndarray, ms: float) -> None:
+        if not x.any() or not np.isfinite(ms):
+            return
+        lam = 1.0 - 1.0 / self.memory
+        px = self.cov @ x
+        gain = px / (lam + x @ px)
+        self.theta = self.theta + gain * (ms - x @ self.theta)
+        self.cov = (self.cov - np.outer(gain, px)) / lam
+        self.updates += 1
+
+
+@dataclass
+class Ema:
+    value: float
+    weight: float = 0.1
+
+    def update(self, x: float) -> None:
+        if np.isfinite(x):
+            self.value += self.weight * (x - self.value)
+
+
+@dataclass
+class CostModel:
+    """Predicted wall time of the steps a tick may contain, in ms."""
+
+    verify: LinearCost
+    draft: LinearCost
+    verify_overhead: Ema = field(default_factory=lambda: Ema(1.0))
+    draft_overhead: Ema = field(default_factory=lambda: Ema(1.0))
+    tick_overhead: Ema = field(default_factory=lambda: Ema(0.5))
+
+    @classmethod
+    def guess(cls) -> "CostModel":
+        """Before any measurement (a profile replaces it at start-up): a small model on a CPU core."""
+        return cls(LinearCost.prior(5.0, 0.5, 0.0, confidence=0.01), LinearCost.prior(2.0, 0.1, 0.0, confidence=0.01))
+
+    def t_verify(self, contexts: np.ndarray, tokens_per_seq: int | np.ndarray) -> float:
+        """One verify call over sequences with these cached lengths, appending `tokens_per_seq` tokens each."""
+        if len(contexts) == 0:
+            return 0.0
+        n = np.broadcast_to(np.asarray(tokens_per_seq, dtype=float), contexts.shape)
+        x = np.array([1.0, n.sum(), (n * (contexts + (n + 1) / 2)).sum()]) * _SCALE
+        return self.verify.predict(x) + self.verify_overhead.value
+
+    def t_draft(self, contexts: np.ndarray, k: int, first_tokens: int = 1) -> float:
+        """One draft call of k drafts for sequences with these cached lengths (each feeding `first_tokens` first)."""
+        if len(contexts) == 0 or k <= 0:
+            return 0.0
+        b = len(contexts)
+        x = np.zeros(3)
+        for d in range(k):
+            n = first_tokens if d == 0 else 1
+            x += np.array([1.0, b * n, (n * (contexts + d + (n + 1) / 2)).sum()]) * _SCALE
+        return self.draft.predict(x) + self.draft_overhead.value

@@ -1,0 +1,135 @@
+"""Which schedule and how many drafts, each tick: the choice that maximizes predicted generated tokens per second.
+
+Schedules (what one tick of a lane does with its running requests):
+  ar     verify everyone, no drafts: one target step per token; best when drafting costs more than it saves
+  sd     draft k for everyone, then verify: standard speculative decoding, one batch
+  psd    two batches, one verified while the other is drafted (MineDraft): a tick costs max(T_draft, T_verify)
+  ahead  one batch; while it is verified, the drafter drafts its next k tokens assuming every draft is accepted
+         (PEARL's post-verify); where the outcome matches, the next tick needs no draft step: the drafter's idle time
+         during verification turns into latency at low load
+For each, `throughput` predicts tokens per second from the cost model (costs.py) and the acceptance estimates
+(acceptance.py). The Controller picks the best, but keeps its current choice unless another is predicted to be
+`margin` better (so noise in the estimates cannot make it oscillate), and now and then explores a neighbour (k +- 1,
+or another schedule at the same k), so that a wrong estimate, such as the acceptance of a position never drafted,
+gets corrected by measurement. Pure: no servers (tests/test_policy.py).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+
+from services.router.acceptance import all_accepted, expected_tokens
+from services.router.costs import CostModel
+
+SCHEDULES = ("ar", "sd", "psd", "ahead")
+
+
+@dataclass(frozen=True)
+class Choice:
+    schedule: str
+    k: int = 0
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; one of {SCHEDULES}")
+        if (self.schedule == "ar") != (self.k == 0):
+            raise ValueError(f"{self.schedule} with k={self.k}: ar takes k=0, the others k >= 1")
+
+    def __str__(self) -> str:
+        return self.schedule if self.schedule == "ar" else f"{self.schedule}/k={self.k}"
+
+
+@dataclass
+class LaneView:
+    """What the controller needs to know of a lane's running requests."""
+
+    contexts: np.ndarray  # [n] tokens each request has cached on the verifier (its context length)
+    alphas: np.ndarray  # [n, k_max] each request's estimated acceptance per draft position
+
+    @property
+    def n(self) -> int:
+        return len(self.contexts)
+
+
+def throughput(choice: Choice, view: LaneView, costs: CostModel, yields: np.ndarray | None = None,
+               hits: np.ndarray | None = None) -> float:
+    """Predicted generated tokens per second of running `choice` on these requests. `yields` [n, k_max + 1] and
+    `hits` [n, k_max] (expected tokens per verification and draft-ahead hit probability per k) may be passed in
+    when many choices are scored at once."""
+    ctx, k = view.contexts.astype(float), choice.k
+    if view.n == 0:
+        return 0.0
+    over = costs.tick_overhead.value
+    if choice.schedule == "ar":
+        return 1e3 * view.n / (costs.t_verify(ctx, 1) + over)
+    tokens = float((yields if yields is not None else expected_tokens(view.alphas, k))[:, k].sum())
+    if choice.schedule == "sd" or (choice.schedule == "psd" and view.n < 2):
+        return 1e3 * tokens / (costs.t_draft(ctx, k) + costs.t_verify(ctx, k + 1) + over)
+    if choice.schedule == "psd":
+        a, b = ctx[0::2], ctx[1::2]
+        tick_a = max(costs.t_draft(b, k), costs.t_verify(a, k + 1)) + over
+        tick_b = max(costs.t_draft(a, k), costs.t_verify(b, k + 1)) + over
+        return 1e3 * tokens / (tick_a + tick_b)
+    # ahead: the next k (plus a guess of the target's token) drafted during the verify; misses re-draft first
+    hit = hits[:, k - 1] if hits is not None else all_accepted(view.alphas, k)
+    misses = max(1, int(round(float((1 - hit).sum()))))
+    t_miss = (1.0 - float(np.prod(hit))) * costs.t_draft(np.sort(ctx)[-misses:], k)
+    tick = max(costs.t_verify(ctx, k + 1), costs.t_draft(ctx + k, k + 1)) + t_miss + over
+    return 1e3 * tokens / tick
+
+
+def ranked(view: LaneView, costs: CostModel, candidates: list[Choice]) -> list[tuple[float, Choice]]:
+    k_max = max(c.k for c in candidates)
+    yields = expected_tokens(view.alphas, k_max)
+    padded = np.concatenate([view.alphas, view.alphas[:, -1:]], axis=1)  # the guess past the last position
+    hits = np.cumprod(padded, axis=1)[:, 1:k_max + 1]
+    return sorted(((throughput(c, view, costs, yields, hits), c) for c in candidates), key=lambda tc: -tc[0])
+
+
+def candidates(k_max: int, schedules: tuple[str, ...] = SCHEDULES) -> list[Choice]:
+    return [Choice(s, 0 if s == "ar" else k) for s in schedules for k in ([0] if s == "ar" else range(1, k_max + 1))]
+
+
+class Controller:
+    """Per-lane chooser. `fixed` pins one choice (the fixed modes); otherwise it decides as the module says,
+    re-scoring every choice when the batch changes size and every `every` ticks otherwise (a score of every choice
+    costs about a millisecond; a tick can be a few)."""
+
+    def __init__(self, k_max: int, schedules: tuple[str, ...] = SCHEDULES, fixed: Choice | None = None,
+                 margin: float = 0.05, explore: float = 0.03, every: int = 8, seed: int = 0):
+        self.fixed, self.margin, self.explore, self.every = fixed, margin, explore, every
+        self.options = candidates(k_max, schedules)
+        self.current: Choice | None = fixed
+        self.predicted = 0.0  # tokens/s the current choice is predicted to give
+        self.explored = False  # the last choice was an exploration
+        self._scores: dict[Choice, float] = {}
+        self._scored_n, self._age = -1, 0
+        self._rng = random.Random(seed)
+
+    def choose(self, view: LaneView, costs: CostModel, drafter: bool = True) -> Choice:
+        self.explored = False
+        if not drafter:  # without a drafter only target-only decoding is possible
+            return Choice("ar")
+        if self.fixed is not None:
+            return self.fixed
+        self._age += 1
+        if view.n != self._scored_n or self._age >= self.every or self.current is None:
+            scores = ranked(view, costs, self.options)
+            self._scores, self._scored_n, self._age = {c: t for t, c in scores}, view.n, 0
+            best_tps, best = scores[0]
+            if self.current is None or best_tps > self._scores.get(self.current, 0.0) * (1 + self.margin):
+                self.current = best
+            self.predicted = self._scores[self.current]
+        if self._rng.random() < self.explore:
+            near = self._neighbours(self.current)
+            if near:
+                self.explored = True
+                return self._rng.choice(near)
+        return self.current
+
+    def _neighbours(self, c: Choice) -> list[Choice]:
+        return [o for o in self.options if (o.schedule == c.schedule and abs(o.k - c.k) == 1) or
+                (o.schedule != c.schedule and o.k == c.k and o.schedule != "ar")]

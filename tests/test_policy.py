@@ -1,0 +1,198 @@
+"""The adaptive controller's parts as pure functions, with no servers: the cost model (costs.py), the acceptance
+estimates (acceptance.py) and the choice of schedule and k (policy.py).
+
+The last tests simulate a lane: true step costs and true acceptance per position drive the measurements the
+controller learns from, starting from a wrong guess. It must end up within a few percent of the best fixed choice,
+without oscillating between choices.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from services.router.acceptance import PositionAcceptance, all_accepted, expected_tokens, request_scale
+from services.router.costs import (CostModel, Ema, LinearCost, draft_features, draft_forwards, forward_features,
+                                   verify_features)
+from services.router.policy import Choice, Controller, LaneView, candidates, ranked, throughput
+
+
+# ---- costs ----------------------------------------------------------------------------------------------------------
+def true_forward_ms(rows, c=(3.0, 0.4, 2e-4)):
+    tokens = sum(n for _, n in rows)
+    attended = sum(n * (s + (n + 1) / 2) for s, n in rows)
+    return c[0] + c[1] * tokens + c[2] * attended
+
+
+def test_draft_features_are_the_sum_of_their_forwards():
+    rows = [(100, 1, 3), (50, 2, 1), (10, 1, 0)]  # (cached, first feed, forwards)
+    expect = forward_features([(100, 1), (50, 2)]) + forward_features([(101, 1)]) + forward_features([(102, 1)])
+    assert np.allclose(draft_features(rows), expect)
+    assert draft_forwards(k=4, drafted=4) == 4 and draft_forwards(k=4, drafted=2) == 3
+
+
+def test_recursive_least_squares_recovers_the_cost_of_a_forward():
+    rng = np.random.default_rng(0)
+    model = LinearCost.prior(10.0, 0.0, 0.0, confidence=0.01)
+    for _ in range(300):
+        rows = [(int(rng.integers(10, 800)), int(rng.integers(1, 6))) for _ in range(int(rng.integers(1, 33)))]
+        model.update(verify_features(rows), true_forward_ms(rows) * (1 + 0.02 * rng.standard_normal()))
+    for rows in ([(500, 5)] * 16, [(20, 1)], [(1000, 1)] * 64):
+        assert model.predict(verify_features(rows)) == pytest.approx(true_forward_ms(rows), rel=0.05)
+
+
+def test_cost_model_predicts_steps_it_never_saw():
+    costs = CostModel(LinearCost.prior(3.0, 0.4, 2e-4), LinearCost.prior(1.0, 0.1, 1e-5), Ema(0.5), Ema(0.5),
+                      Ema(0.2))
+    ctx = np.full(8, 300.0)
+    assert costs.t_verify(ctx, 5) == pytest.approx(true_forward_ms([(300, 5)] * 8) + 0.5, rel=1e-6)
+    # k draft forwards cost about k single forwards of the batch
+    one = costs.t_draft(ctx, 1) - 0.5
+    assert costs.t_draft(ctx, 4) - 0.5 == pytest.approx(4 * one, rel=0.05)
+
+
+# ---- acceptance -----------------------------------------------------------------------------------------------------
+def test_position_acceptance_converges_to_the_truth():
+    rng = np.random.default_rng(1)
+    truth = np.array([0.9, 0.8, 0.6, 0.5, 0.4])
+    est = PositionAcceptance(k_max=6)
+    for _ in range(3000):
+        k = int(rng.integers(1, 6))
+        n = 0
+        while n < k and rng.random() < truth[n]:
+            n += 1
+        est.observe(k, n)
+    rates = est.rates()
+    assert np.allclose(rates[:4], truth[:4], atol=0.05) and abs(rates[4] - truth[4]) < 0.1, rates
+    assert rates[5] == pytest.approx(rates[4], abs=0.1)  # never drafted: borrows its predecessor's rate
+
+
+def test_expected_tokens_is_the_geometric_sum():
+    a = np.full((1, 8), 0.7)
+    e = expected_tokens(a, 8)[0]
+    assert e[0] == 1.0 and all(e[k] == pytest.approx((1 - 0.7 ** (k + 1)) / 0.3) for k in range(9))
+    assert all_accepted(a, 3)[0] == pytest.approx(0.7 ** 4)
+    assert request_scale(0, 0, 0.6) == 1.0 and request_scale(40, 40, 0.6) > 1.5
+
+
+# ---- the choice -----------------------------------------------------------------------------------------------------
+def view(n, rate, k_max=8, ctx=300.0):
+    return LaneView(np.full(n, ctx), np.full((n, k_max), rate))
+
+
+def costs_for(draft_per_token_ms, verify_per_token_ms, draft_fixed=1.0, verify_fixed=5.0):
+    return CostModel(LinearCost.prior(verify_fixed, verify_per_token_ms, 0.0),
+                     LinearCost.prior(draft_fixed, draft_per_token_ms, 0.0), Ema(0.3), Ema(0.3), Ema(0.2))
+
+
+def best(v, c, k_max=8):
+    return ranked(v, c, candidates(k_max))[0][1]
+
+
+def test_expensive_draft_or_poor_acceptance_means_target_only():
+    # the real pair on this CPU: a draft forward costs ~70% of a target forward, per token
+    assert best(view(8, 0.7), costs_for(7.0, 10.0, 20.0, 30.0)).schedule == "ar"
+    assert best(view(8, 0.15), costs_for(0.5, 10.0)).schedule == "ar"
+
+
+def test_cheap_draft_good_acceptance_means_speculation_two_batches_when_balanced():
+    # a step's fixed part dominates (weights read once per forward): speculation pays, two batches overlap
+    gpu_like = costs_for(0.2, 0.5, 5.0, 20.0)
+    c = best(view(16, 0.8), gpu_like)
+    assert c.schedule in ("psd", "ahead") and c.k >= 2
+    assert throughput(Choice("psd", 4), view(16, 0.8), gpu_like) > 1.1 * throughput(Choice("sd", 4), view(16, 0.8),
+                                                                                  gpu_like)
+    # one request: no second batch to overlap with; drafting ahead during the verify beats plain sd
+    one = best(view(1, 0.85), gpu_like)
+    assert one.schedule == "ahead"
+    assert throughput(one, view(1, 0.85), gpu_like) > throughput(Choice("sd", one.k), view(1, 0.85), gpu_like)
+
+
+def test_fixed_controller_and_no_drafter():
+    fixed = Controller(8, fixed=Choice("psd", 4))
+    assert fixed.choose(view(4, 0.1), costs_for(1, 1)) == Choice("psd", 4)
+    assert fixed.choose(view(4, 0.9), costs_for(1, 1), drafter=False) == Choice("ar")
+    with pytest.raises(ValueError):
+        Choice("sd", 0)
+
+
+# ---- a simulated lane ----------------------------------------------------------------------------------------------
+class SimLane:
+    """True costs and acceptance; measurements with noise, as the services would report them. A tick is simulated
+    as the lane runs it, with psd's two half batches and draft-ahead's re-drafts of the sequences that missed."""
+
+    def __init__(self, c_draft, c_verify, alphas, n, rng):
+        self.c_draft, self.c_verify, self.alphas, self.n, self.rng = c_draft, c_verify, np.array(alphas), n, rng
+        self.ctx = np.full(n, 200)
+
+    def forward(self, c, rows):
+        return true_forward_ms(rows, c) * (1 + 0.03 * self.rng.standard_normal()) if rows else 0.0
+
+    def verify(self, seqs, k, costs):
+        rows = [(int(self.ctx[i]), k + 1) for i in seqs]
+        t = self.forward(self.c_verify, rows)
+        if rows:
+            costs.verify.update(verify_features(rows), t)
+        return t
+
+    def draft(self, seqs, k, costs, extra=0):
+        t = sum(self.forward(self.c_draft, [(int(self.ctx[i]) + extra + d, 1) for i in seqs]) for d in range(k))
+        if seqs and k:
+            costs.draft.update(draft_features([(int(self.ctx[i]) + extra, 1, k) for i in seqs]), t)
+        return t
+
+    def run(self, choice, costs: CostModel, acc: PositionAcceptance):
+        """One tick's worth of `choice` for all n requests: (tokens, ms); feeds the controller's estimators."""
+        k, n, every = choice.k, self.n, list(range(self.n))
+        outcome = [self.rng.random(k + 1) < self.alphas[:k + 1] for _ in range(n)]
+        accepted = [int(np.argmin(np.append(o[:k], False))) for o in outcome]  # leading run of accepts
+        if k:
+            for a in accepted:
+                acc.observe(k, a)
+        tokens = sum(a + 1 for a in accepted)
+        over = 0.2
+        if choice.schedule == "ar":
+            return n, self.verify(every, 0, costs) + over
+        if choice.schedule == "psd" and n >= 2:  # two ticks, each verifying one half while drafting the other
+            a, b = every[0::2], every[1::2]
+            ms = max(self.draft(b, k, costs), self.verify(a, k, costs)) + \
+                max(self.draft(a, k, costs), self.verify(b, k, costs)) + 2 * over
+            return tokens, ms
+        if choice.schedule == "ahead":  # re-draft the misses, then verify while drafting ahead for everyone
+            missed = [i for i in every if not outcome[i].all()]
+            t_miss = self.draft(missed, k, costs)
+            return tokens, t_miss + max(self.verify(every, k, costs), self.draft(every, k + 1, costs, extra=k)) + over
+        return tokens, self.draft(every, k, costs) + self.verify(every, k, costs) + over
+
+
+@pytest.mark.parametrize("case", ["real-pair-like", "demo-pair-like", "one-request"])
+def test_controller_reaches_the_best_fixed_choice_and_settles(case):
+    rng = np.random.default_rng(2)
+    c_d, c_v, alphas, n = {
+        "real-pair-like": ((20.0, 7.0, 1e-4), (30.0, 10.0, 2e-4), [0.75] * 9, 8),
+        "demo-pair-like": ((4.0, 0.3, 1e-5), (12.0, 0.8, 3e-5), [0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.5, 0.4, 0.4], 16),
+        "one-request": ((4.0, 0.3, 1e-5), (12.0, 0.8, 3e-5), [0.9] * 9, 1),
+    }[case]
+    sim = SimLane(c_d, c_v, alphas, n, rng)
+    costs, acc = CostModel.guess(), PositionAcceptance(8)
+    ctl = Controller(8, seed=3)
+    choices, tokens, ms = [], 0.0, 0.0
+    for tick in range(900):
+        v = LaneView(sim.ctx.astype(float), np.tile(acc.rates(), (n, 1)))
+        choice = ctl.choose(v, costs)
+        t, m = sim.run(choice, costs, acc)
+        choices.append(choice)
+        if tick >= 300:
+            tokens, ms = tokens + t, ms + m
+    auto = tokens / ms
+
+    def fixed(choice):
+        s = SimLane(c_d, c_v, alphas, n, np.random.default_rng(5))
+        out = [s.run(choice, CostModel.guess(), PositionAcceptance(8)) for _ in range(200)]
+        return sum(t for t, _ in out) / sum(m for _, m in out)
+
+    best_fixed = max(fixed(c) for c in candidates(8))
+    assert auto >= 0.95 * best_fixed, (auto, best_fixed, choices[-1])
+    settled = choices[300:]
+    switches = sum(a != b for a, b in zip(settled, settled[1:]))
+    assert switches <= 0.1 * len(settled), switches  # explorations aside, it stays put
