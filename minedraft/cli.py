@@ -13,7 +13,8 @@ def _up(args) -> int:
     from minedraft.launcher import Cluster
     from minedraft.supervisor import GiveUp, RestartPolicy, Supervisor
 
-    router_args = ["--num-speculative-tokens", str(args.k), "--max-batch-size", str(args.max_batch_size),
+    router_args = ["--num-speculative-tokens", str(args.k), "--max-speculative-tokens", str(args.max_k),
+                   "--draft-confidence", str(args.draft_confidence), "--max-batch-size", str(args.max_batch_size),
                    "--host", args.host]
     if args.trace_file:
         router_args += ["--trace-file", args.trace_file]
@@ -149,7 +150,7 @@ def format_info(address: str, info) -> str:
 
 
 def main(argv=None) -> int:
-    from minedraft.config import ROLES
+    from minedraft.config import MODES, ROLES
 
     router = f"127.0.0.1:{ROLES['router'].port}"
     p = argparse.ArgumentParser(prog="minedraft", description="batch-parallel speculative decoding over gRPC")
@@ -157,7 +158,8 @@ def main(argv=None) -> int:
 
     up = sub.add_parser("up", help="run drafter, verifier and router as local processes, restarting any that exits "
                         "(Ctrl-C stops)")
-    up.add_argument("--mode", choices=["ar", "sd", "psd"], default="psd")
+    up.add_argument("--mode", choices=list(MODES), default="auto", help="auto: the router chooses target-only, "
+                    "sd, psd or draft-ahead and k each step; the others pin one schedule")
     up.add_argument("--port", type=int, default=ROLES["router"].port, help="public gRPC port")
     up.add_argument("--host", default="127.0.0.1", help="address the router listens on")
     up.add_argument("--http-port", type=int, default=8000, help="OpenAI-compatible HTTP API, /health and /metrics "
@@ -165,7 +167,10 @@ def main(argv=None) -> int:
     up.add_argument("--target", default="", help="target checkpoint directory (default: the demo target)")
     up.add_argument("--draft", default="", help="draft checkpoint directory (default: the demo draft)")
     up.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N, for both model services")
-    up.add_argument("-k", type=int, default=4, help="draft tokens per step")
+    up.add_argument("-k", type=int, default=4, help="draft tokens per step in a pinned mode")
+    up.add_argument("--max-k", type=int, default=8, help="auto: the largest k it may choose")
+    up.add_argument("--draft-confidence", type=float, default=0.0, help="tau: stop a draft once the product of its "
+                    "tokens' confidences would fall below it (0 = off)")
     up.add_argument("--max-batch-size", type=int, default=16, help="sequences per in-flight batch")
     up.add_argument("--log-dir", default="", help="write each service's log here instead of the terminal")
     up.add_argument("--trace-file", default="", help="JSON-lines step trace (for timeline plots)")

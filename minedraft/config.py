@@ -15,7 +15,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_TARGET = str(REPO_ROOT / "models" / "demo-target")
 DEMO_DRAFT = str(REPO_ROOT / "models" / "demo-draft")
-MODES = ("ar", "sd", "psd")
+MODES = ("auto", "ar", "sd", "psd", "ahead")
 
 
 @dataclass(frozen=True)
@@ -72,8 +72,10 @@ class RouterConfig:
     drafters: str = f"127.0.0.1:{ROLES['drafter'].port}"  # drafter address(es), comma separated
     verifiers: str = f"127.0.0.1:{ROLES['verifier'].port}"  # verifier address(es), comma separated
     tokenizer: str = ""  # tokenizer directory (default: the demo target)
-    mode: str = "psd"  # ar (target only), sd (draft then verify), psd (two batches in flight)
-    num_speculative_tokens: int = 4  # k: drafts per sequence per step
+    mode: str = "auto"  # auto (chosen each step), or pinned: ar (target only), sd, psd (two batches), ahead (draft-ahead)
+    num_speculative_tokens: int = 4  # k: drafts per sequence per step in the pinned modes
+    max_speculative_tokens: int = 8  # auto: the largest k it may choose
+    draft_confidence: float = 0.0  # tau: stop a draft once the product of its confidences would fall below it (0 = off)
     max_batch_size: int = 16  # sequences per in-flight batch (psd keeps two)
     max_queue: int = 256  # waiting requests beyond which Generate answers RESOURCE_EXHAUSTED
     max_new_tokens_limit: int = 4096  # largest max_new_tokens a request may ask for
@@ -100,6 +102,8 @@ class RouterConfig:
             raise ValueError("num_speculative_tokens and max_batch_size must be >= 1, max_queue >= 0")
         if not 0 <= c.http_port < 65536:
             raise ValueError(f"http_port must be 0 (off) or a port number, got {c.http_port}")
+        if c.max_speculative_tokens < 1 or not 0.0 <= c.draft_confidence <= 1.0:
+            raise ValueError("max_speculative_tokens must be >= 1 and draft_confidence in [0, 1]")
         if c.drain_timeout_s < 0:
             raise ValueError("drain_timeout_s must be >= 0")
         return c

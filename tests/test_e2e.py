@@ -17,8 +17,9 @@ import torch
 from minedraft.v1 import common_pb2, generate_pb2 as gpb, generate_pb2_grpc
 from support import BUDGETS, PROMPTS, TARGET, chat, wait_kv_free
 
-CLUSTERS = [dict(mode=m, router_args=["--max-batch-size", "4", "--num-speculative-tokens", "3"])
-            for m in ("psd", "sd", "ar")]
+CLUSTERS = [dict(mode=m, router_args=["--max-batch-size", "4", "--num-speculative-tokens", "3",
+                                      "--max-speculative-tokens", "6"])
+            for m in ("auto", "psd", "sd", "ar", "ahead")]
 
 
 def stub_for(cluster):
@@ -69,11 +70,16 @@ def test_streaming_equals_unary(cluster):
 
 
 def test_seeded_sampling_is_reproducible(cluster):
+    """A seed fixes the sample in a pinned mode. Under auto the schedule and k follow the measured timings, and the
+    drafts a rejection-sampled token depends on change with them: the same seed then gives a sample from the same
+    distribution, not the same sample (README: pin a mode for bit-reproducible seeded sampling)."""
     stub = stub_for(cluster)
     opts = common_pb2.SamplingOptions(temperature=0.9, top_p=0.95, top_k=50, seed=1234)
     req = gpb.GenerateRequest(prompt=chat(PROMPTS[5]), max_new_tokens=24, sampling=opts, ignore_eos=True)
     a, b = stub.Generate(req, timeout=120), stub.Generate(req, timeout=120)
-    assert list(a.token_ids) == list(b.token_ids) and len(a.token_ids) == 24
+    assert len(a.token_ids) == len(b.token_ids) == 24
+    if cluster.mode != "auto":
+        assert list(a.token_ids) == list(b.token_ids)
     wait_kv_free(cluster)
 
 

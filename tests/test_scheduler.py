@@ -22,6 +22,7 @@ from minedraft.v1 import common_pb2, model_service_pb2 as pb
 from services.drafter.servicer import DrafterService
 from services.router.clients import ServiceError, _status
 from services.router.lane import Lane
+from services.router.policy import Choice
 from services.router.request import QueueFull, Request
 from services.router.trace import Trace
 from services.verifier.servicer import VerifierService
@@ -65,10 +66,12 @@ def prompts():
     return [tok.encode(chat(t), add_special_tokens=False) for t in texts]
 
 
-def make_lane(services, mode="psd", **cfg):
+def make_lane(services, mode="psd", controller=None, **cfg):
     d, v = services
-    return Lane(RouterConfig(mode=mode, num_speculative_tokens=3, **cfg), InProcessClient(v, "verifier"),
-                InProcessClient(d, "drafter") if mode != "ar" else None, "inline", trace=Trace(keep=True))
+    cfg.setdefault("num_speculative_tokens", 3)
+    return Lane(RouterConfig(mode=mode, **cfg), InProcessClient(v, "verifier"),
+                InProcessClient(d, "drafter") if mode != "ar" else None, "inline", trace=Trace(keep=True),
+                controller=controller)
 
 
 def request_for(lane, i, ids, n, params=SamplingParams(), ignore_eos=True):
@@ -242,4 +245,61 @@ def test_cancelling_one_sampled_request_leaves_its_batch_mates_intact(services, 
             await lane.stop()
 
     assert asyncio.run(cancel_one()) == clean[1:]
+    assert not leftover_segments(d.instance_id)
+
+
+class ScriptedController:
+    """Stands where policy.Controller stands: forces a switch of schedule and k at every tick, through every
+    combination, so that each schedule follows each other one with requests mid-generation."""
+
+    fixed, predicted, explored = None, 0.0, False
+
+    def __init__(self, k_max=4):
+        cycle = ("psd", "ahead", "sd", "ar", "ahead", "psd", "sd")
+        self.plan = [Choice(cycle[i % 7], 0 if cycle[i % 7] == "ar" else 1 + i % k_max) for i in range(7 * k_max)]
+        self.ticks = 0
+
+    def choose(self, view, costs, drafter=True):
+        self.ticks += 1
+        return self.plan[self.ticks % len(self.plan)] if drafter else Choice("ar")
+
+
+@pytest.mark.parametrize("mode", ["auto", "ahead", "switching"])
+def test_auto_ahead_and_forced_switches_are_lossless(services, prompts, mode):
+    """Greedy output equals target-only decoding whatever the lane chooses each tick: auto, draft-ahead pinned, or a
+    switch of schedule and k at every tick (drafts made under one schedule are verified under the next; a draft
+    made ahead is used or dropped; batches merge and split). Nothing stays held on either service."""
+    lane = make_lane(services, "auto" if mode == "switching" else mode, max_speculative_tokens=4,
+                     controller=ScriptedController() if mode == "switching" else None)
+    budgets = [12, 20, 7, 16, 9, 25]
+    reqs = [request_for(lane, i, p, n) for i, (p, n) in enumerate(zip(prompts, budgets))]
+    results = asyncio.run(run_all(lane, reqs))
+    expected = reference_generate(services[1].runner, make_sequences(prompts, SamplingParams(), budgets, lane.max_len,
+                                                                      ignore_eos=True))
+    assert [toks for toks, _ in results] == [s.output for s in expected]
+    choices = {t["choice"] for t in lane.trace.records if t["kind"] == "tick"}
+    if mode == "switching":
+        assert {c.split("/")[0] for c in choices} == {"ar", "sd", "psd", "ahead"} and len(choices) >= 7, choices
+    if mode != "auto":
+        assert lane.ahead_hits > 0 and lane.ahead_misses > 0  # both outcomes of a draft made ahead happened
+    assert_kv_free(services)
+
+
+def test_switching_schedules_with_sampled_requests_over_shm(services, prompts):
+    """Sampled requests while the schedule switches every tick: draft probabilities of one verify come from several
+    draft steps (separate shm buffers), drafts made ahead are kept or dropped; every request finishes and every
+    buffer is released."""
+    d, v = services
+    v.importer.trust(d.instance_id)
+    lane = make_lane(services, "auto", max_speculative_tokens=4, controller=ScriptedController())
+    lane.transport = "shm"
+    reqs = []
+    for i in range(4):
+        params = SamplingParams(temperature=0.9, seed=100 + i)
+        seq = Sequence(f"w{i}", list(prompts[i]), params, 40, lane.max_len, lane.eos_ids, True)
+        reqs.append(Request(seq=seq, sampling=common_pb2.SamplingOptions(temperature=0.9, seed=100 + i)))
+    results = asyncio.run(run_all(lane, reqs))
+    assert all(len(t) == 40 for t, _ in results)
+    assert sum(r.seq.drafted for r in reqs) > 0
+    assert_kv_free(services)
     assert not leftover_segments(d.instance_id)

@@ -26,8 +26,10 @@ class DrafterService(ModelService):
         for s in batch.seqs:
             if s.k < 0:
                 raise ValueError(f"sequence {s.seq_id!r}: negative draft length")
+            if not 0.0 <= s.min_confidence <= 1.0:  # NaN fails too
+                raise ValueError(f"sequence {s.seq_id!r}: min_confidence must be in [0, 1], got {s.min_confidence}")
             params, gen = self.seq_state(s.seq_id, s.start, s.sampling, owned)
-            reqs.append(DraftRequest(s.seq_id, s.start, list(s.tokens), s.k, params, gen))
+            reqs.append(DraftRequest(s.seq_id, s.start, list(s.tokens), s.k, params, gen, s.min_confidence))
         drafts = propose(self.runner, reqs)
         out, rows, row = pb.ProposeResult(), [], 0
         for s, d in zip(batch.seqs, drafts):

@@ -21,16 +21,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from typing import Protocol
 
 import grpc
+import numpy as np
 
 from minedraft.config import RouterConfig
 from minedraft.v1 import model_service_pb2 as pb
+from services.router.acceptance import PositionAcceptance, request_scale
 from services.router.clients import ModelClient, ServiceError
+from services.router.costs import CostModel, draft_features, draft_forwards, verify_features
 from services.router.metrics import LaneMetrics
 from services.router.negotiation import negotiate
+from services.router.policy import Choice, Controller, LaneView
 from services.router.releases import PendingReleases
 from services.router.request import DRAFT, PREFILL, VERIFY, PendingDraft, QueueFull, Request
 from services.router.trace import Trace
@@ -59,8 +63,15 @@ class Lane:
     and `hand_over` only."""
 
     def __init__(self, cfg: RouterConfig, verifier: ModelClient, drafter: ModelClient | None, transport: str,
-                 replicas: Replicas | None = None, trace: Trace | None = None, metrics: LaneMetrics | None = None):
-        self.cfg, self.mode, self.k = cfg, cfg.mode, cfg.num_speculative_tokens
+                 replicas: Replicas | None = None, trace: Trace | None = None, metrics: LaneMetrics | None = None,
+                 controller: Controller | None = None):
+        self.cfg, self.mode = cfg, cfg.mode
+        self.k_max = cfg.max_speculative_tokens if cfg.mode == "auto" else cfg.num_speculative_tokens
+        fixed = None if cfg.mode == "auto" else Choice(cfg.mode, 0 if cfg.mode == "ar" else cfg.num_speculative_tokens)
+        self.controller = controller if controller is not None else Controller(self.k_max, fixed=fixed)
+        self.costs = CostModel.guess()
+        self.acceptance = PositionAcceptance(self.k_max)
+        self.ahead_hits = self.ahead_misses = 0
         self.verifier, self.drafter, self.transport = verifier, drafter, transport
         self.replicas = replicas
         self.trace = trace if trace is not None else Trace(cfg.trace_file)
@@ -83,6 +94,10 @@ class Lane:
         self._task: asyncio.Task | None = None
         self.drafter_up = drafter is not None
         self._drafter_watch: asyncio.Task | None = None
+        self._holders: Counter[str] = Counter()  # drafter buffer -> pending drafts that point at it
+        self._outcomes: dict[str, tuple[int, int, int]] = {}  # this tick's (drafted, accepted, last token) per seq
+        self._calls: list[tuple[float, float]] = []  # this tick's service calls (start, end)
+        self._last_tick_end = 0.0
         self.dead = False  # this lane's verifier is gone and its requests moved to other lanes
         self.verifier_down = False  # waiting for a lost verifier to come back (new requests go elsewhere or fail)
         self._evacuate = False  # replica discovery saw the verifier vanish: hand requests over between two ticks
@@ -129,9 +144,7 @@ class Lane:
         for r in running:
             self._forget_on_drafter(r)
         for r in reqs:
-            draft = r.forget_caches()
-            if draft is not None and draft.buffer:
-                self.releases.drafter_buffers.append(draft.buffer)
+            self._unhold(r.forget_caches())
         self.batches[0].clear()
         self.batches[1].clear()
         self.waiting.clear()
@@ -146,7 +159,7 @@ class Lane:
 
     # ---- admission -------------------------------------------------------------------------------------------------
     def _blocks(self, req: Request) -> list[int]:
-        worst = len(req.seq.prompt) + req.seq.max_new_tokens + self.k + 1
+        worst = len(req.seq.prompt) + req.seq.max_new_tokens + self.k_max + 1
         return [-(-worst // bs) for _, bs in self.capacity]
 
     def _reserved(self) -> list[int]:
@@ -159,7 +172,7 @@ class Lane:
     def _admit(self) -> None:
         if not self.waiting:
             return
-        nb = 2 if self.mode == "psd" else 1
+        nb = 1 if self.mode in ("sd", "ahead", "ar") else 2  # auto may run two batches (psd) at any tick
         reserved = self._reserved()
         while self.waiting:
             req = self.waiting[0]
@@ -179,6 +192,21 @@ class Lane:
         if self.drafter is not None and req.seq.draft_cached:
             self.releases.drafter_seqs.append(req.seq_id)
 
+    # ---- draft buffers: one per draft step, shared by its batch; freed when no pending draft points at it ---------
+    def _hold(self, draft: PendingDraft) -> PendingDraft:
+        if draft.buffer:
+            self._holders[draft.buffer] += 1
+        return draft
+
+    def _unhold(self, drafts) -> None:
+        for draft in drafts:
+            if draft is None or not draft.buffer:
+                continue
+            self._holders[draft.buffer] -= 1
+            if self._holders[draft.buffer] <= 0:
+                del self._holders[draft.buffer]
+                self.releases.drafter_buffers.append(draft.buffer)
+
     def _reap(self) -> None:
         """Drop finished and cancelled requests; their KV is freed with the next step to each service."""
         if any(r.cancelled for r in self.waiting):
@@ -190,19 +218,12 @@ class Lane:
             if any(r.seq.finished or r.cancelled for r in batch):
                 gone += [r for r in batch if r.seq.finished or r.cancelled]
                 batch[:] = [r for r in batch if not (r.seq.finished or r.cancelled)]
-        if not gone:
-            return
-        # A draft step's probabilities are one buffer for its whole batch: released only once no request left in a
-        # batch still points at it (its mates' verification may be reading it right now).
-        held = {r.draft.buffer for batch in self.batches for r in batch if r.draft is not None}
         for req in gone:
             # Releasing on a service that never saw the sequence is harmless, just wasted work.
             if req.seq.target_cached:
                 self.releases.verifier_seqs.append(req.seq_id)
             self._forget_on_drafter(req)
-            draft = req.drop_draft()
-            if draft is not None and draft.buffer and draft.buffer not in held:
-                self.releases.drafter_buffers.append(draft.buffer)
+            self._unhold(req.drop_drafts())
             if req.cancelled and not req.seq.finished:
                 self._outbox.append((req.events, ("done", "cancelled")))
 
@@ -234,6 +255,12 @@ class Lane:
         self.trace.close()
 
     async def run(self) -> None:
+        if self.controller.fixed is None and self.drafter is not None:
+            try:
+                await self._profile()
+            except ServiceError as exc:  # the first real step will find out what is wrong; estimates start rough
+                log.info("lane %s: start-up profile failed (%s); the cost model starts from a guess",
+                         self.verifier.address, exc)
         while not self.dead:
             try:
                 await self._iteration()
@@ -264,43 +291,110 @@ class Lane:
         if not self.waiting:
             await self.wake.wait()
 
+    def _view(self) -> LaneView:
+        """The running requests as the controller sees them: context lengths, acceptance per position each."""
+        reqs = self.batches[0] + self.batches[1]
+        rates, overall = self.acceptance.rates(), self.acceptance.overall
+        scale = np.array([request_scale(r.seq.accepted, r.examined, overall) for r in reqs])
+        return LaneView(np.array([len(r.seq.tokens) for r in reqs], dtype=float),
+                        np.clip(rates[None, :] * scale[:, None], 0.0, 0.995))
+
     def _rebalance(self) -> None:
-        """When one batch has emptied (its requests finished), split the other so the overlap resumes instead of
-        running plain SD. Only sequences without stored drafts move: they get drafted wherever they go."""
+        """psd: when one batch has emptied (its requests finished, or a single-batch schedule ran), split the other
+        so the overlap resumes. Only requests without a pending draft move: they get drafted wherever they go."""
         A, B = self.batches
         full, empty = (A, B) if not B else (B, A)
-        if empty or len(full) < 2 or any(r.draft is not None for r in full):
+        if not self.batches[self.cur]:  # nothing to verify: the other batch goes first (plain SD until both fill)
+            self.cur ^= 1
+        if empty or len(full) < 2:
             return
-        empty.extend(full[len(full) // 2:])
-        del full[len(full) // 2:]
+        movable = [r for r in full if r.draft is None][:len(full) // 2]
+        for r in movable:
+            full.remove(r)
+        empty.extend(movable)
+
+    def _merge(self) -> None:
+        """A single-batch schedule: everyone is in S."""
+        S, O = self.batches[self.cur], self.batches[1 - self.cur]
+        S.extend(O)
+        O.clear()
 
     async def _tick(self) -> None:
-        if self.mode == "psd":
+        choice = self.controller.choose(self._view(), self.costs, drafter=self.drafter_up and self.mode != "ar")
+        sched, k = choice.schedule, choice.k
+        if sched == "psd":
             self._rebalance()
+        else:
+            self._merge()
         S, O = self.batches[self.cur], self.batches[1 - self.cur]
-        speculate = self.mode != "ar" and self.drafter_up
         t0 = time.perf_counter()
-        if speculate and not any(r.phase == VERIFY for r in S):
-            # Nothing stored for S: the non-overlapped first tick in psd, every tick in sd.
-            (derr,) = await self._launch(self._draft([r for r in S if r.phase == DRAFT], t0))
-            if derr is not None:
-                await self._lost(derr)
-                return
-        # New requests prefill with S's verification; without a drafter everyone is verified (target-only) each tick.
-        verify_set = S + [r for r in O if r.phase == PREFILL or not speculate]
-        draft_set = [r for r in O if r.phase == DRAFT] if self.mode == "psd" and speculate else []
+        self._calls = []
+        if sched != "ar":
+            need = [r for r in S if r.phase == DRAFT]
+            # psd drafts S first only when nothing is stored for it (its first tick); the others draft every request
+            # that has no draft (new, a missed draft-ahead, the other batch merged in).
+            if need and (sched != "psd" or not any(r.phase == VERIFY for r in S)):
+                (derr,) = await self._launch(self._draft(t0, need, k))
+                if derr is not None:
+                    await self._lost(derr)
+                    return
+        # New requests prefill with S's verification; target-only verifies everyone each tick.
+        verify_set = S + [r for r in O if r.phase == PREFILL or sched == "ar"]
+        draft_set = [r for r in O if r.phase == DRAFT] if sched == "psd" else []
+        ahead = [r for r in S if r.draft is not None and self._ahead_len(r, k) > 0] if sched == "ahead" else []
         # The drafter caches new prompts while the verifier prefills them, so their first draft step feeds one token
         # instead of the whole prompt: the draft-side prefill hides behind the (much longer) target prefill.
-        warm = [r for r in verify_set if r.phase == PREFILL and r.seq.draft_cached == 0] if speculate else []
-        verr, derr = await self._launch(self._verify(verify_set, t0), self._draft(draft_set, t0, warm))
+        warm = [r for r in verify_set if r.phase == PREFILL and r.seq.draft_cached == 0] \
+            if self.drafter_up and self.mode != "ar" else []
+        verr, derr = await self._launch(self._verify(verify_set, t0), self._draft(t0, draft_set, k, warm, ahead))
+        self._settle_ahead(ahead, verified=verr is None and derr is None)
         for err in (derr, verr):
             if err is not None:
                 await self._lost(err)  # raises if the requests cannot go on
-        self.trace.tick(self.ticks, t0, time.perf_counter(), len(S), len(O))
-        self.metrics.tick(self.mode if speculate else "ar", self.k)
+        end = time.perf_counter()
+        self._observe_tick(t0, end)
+        self.trace.tick(self.ticks, t0, end, len(S), len(O), str(choice), self.controller.predicted,
+                        self.controller.explored)
+        self.metrics.tick(sched, k)
         self.ticks += 1
-        if self.mode == "psd" and verr is None:
+        if sched == "psd" and verr is None:
             self.cur ^= 1
+
+    def _ahead_len(self, r: Request, k: int) -> int:
+        """Drafts worth making ahead for `r`: what draft_len(k) will allow once its pending draft and the target's
+        next token are committed."""
+        pending = len(r.draft.tokens) + 1
+        room = min(r.seq.max_new_tokens - len(r.seq.output), r.seq.max_len - len(r.seq.tokens)) - pending - 1
+        return max(0, min(k, room))
+
+    def _settle_ahead(self, reqs: list[Request], verified: bool) -> None:
+        """After the verify: a draft made ahead is used where the whole pending draft was accepted and the target's
+        own next token is the drafter's guess (the first token drafted ahead); anywhere else it is discarded."""
+        for r in reqs:
+            ahead, outcome = r.drop_ahead(), self._outcomes.pop(r.seq_id, None)
+            if ahead is None:
+                continue
+            hit = verified and outcome is not None and not r.seq.finished and len(ahead.tokens) >= 2 and \
+                outcome[1] == outcome[0] and outcome[2] == ahead.tokens[0]
+            if hit:
+                r.draft = self._hold(PendingDraft(ahead.tokens[1:], ahead.probs,
+                                                  ahead.probs_row + 1 if ahead.probs_row >= 0 else -1))
+                r.seq.draft_cached = r.ahead_cached
+                self.ahead_hits += 1
+            else:
+                self.ahead_misses += 1
+            self._unhold([ahead])
+        self._outcomes.clear()
+
+    def _observe_tick(self, t0: float, end: float) -> None:
+        """The router's own share of the tick (and of the gap since the previous one): what no call covered."""
+        covered, last = 0.0, t0
+        for s, e in sorted(self._calls):
+            covered += max(0.0, e - max(s, last))
+            last = max(last, e)
+        gap = t0 - self._last_tick_end if 0 <= t0 - self._last_tick_end < 0.05 else 0.0
+        self.costs.tick_overhead.update(1e3 * (end - t0 - covered + gap))
+        self._last_tick_end = end
 
     async def _launch(self, *steps) -> list[ServiceError | None]:
         """Start the calls (their tasks are queued before anything else), then hand out the last verify's events, so
@@ -325,70 +419,147 @@ class Lane:
             return exc
         return None
 
-    async def _draft(self, reqs: list[Request], t0: float, cache_only: list[Request] = ()) -> None:
-        """Propose drafts for `reqs`; `cache_only` sequences are only written into the drafter's cache (k = 0)."""
-        if not reqs and not cache_only and not self.releases.for_drafter:
+    async def _draft(self, t0: float, reqs: list[Request], k: int, cache_only: list[Request] = (),
+                     ahead: list[Request] = ()) -> None:
+        """Propose up to k drafts for `reqs`; write `cache_only` sequences into the drafter's cache (k = 0); and for
+        `ahead`, draft what follows their pending drafts (the drafter's guess of the target's next token, then the
+        next k), which `_settle_ahead` keeps or drops once the pending drafts are verified."""
+        if not reqs and not cache_only and not ahead and not self.releases.for_drafter:
             return
         batch = pb.ProposeBatch(transport=self.transport, release=self.releases.take_drafter())
+        tau = self.cfg.draft_confidence
+        entries = []  # (request, kind, start, tokens, k)
+        for r in reqs:
+            entries.append((r, "draft", *r.seq.draft_input(), r.seq.draft_len(k)))
+        for r in cache_only:
+            entries.append((r, "cache", *r.seq.draft_input(), 0))
+        for r in ahead:  # the last pending draft is not in the drafter's cache yet: feed it, then draft on
+            entries.append((r, "ahead", r.seq.draft_cached, r.draft.tokens[-1:], self._ahead_len(r, k) + 1))
         prefills = 0  # sequences the drafter starts from position 0 (new, or after a fault): for the trace
-        for r, k in [(r, r.seq.draft_len(self.k)) for r in reqs] + [(r, 0) for r in cache_only]:
-            start, tokens = r.seq.draft_input()
-            entry = batch.seqs.add(seq_id=r.seq_id, start=start, tokens=tokens, k=k)
+        for r, kind, start, tokens, n in entries:
+            entry = batch.seqs.add(seq_id=r.seq_id, start=start, tokens=tokens, k=n,
+                                   min_confidence=tau if kind != "cache" else 0.0)
             if start == 0:  # the drafter keeps a sequence's sampling options from its first step on
                 prefills += 1
                 entry.sampling.CopyFrom(r.sampling)
         # What the cache-only sequences will hold, fixed now: the concurrent verify may commit a token meanwhile.
-        cached_upto = [len(r.seq.tokens) for r in cache_only]
+        cached_upto = {r.seq_id: len(r.seq.tokens) for r in cache_only}
         start_t = time.perf_counter()
         resp = await self.drafter.step(pb.DrafterRequest(propose=batch))
         end_t = time.perf_counter()
+        self._calls.append((start_t, end_t))
         out = resp.propose
         ref = out.probs if out.HasField("probs") else None
-        for r, d in zip(reqs, out.seqs):
-            r.seq.on_drafted(len(d.tokens))
+        rows = []
+        for (r, kind, start, tokens, n), d in zip(entries, out.seqs):
+            rows.append((start, len(tokens), 1 if kind == "cache" else draft_forwards(n, len(d.tokens))))
             sampled = d.probs_row >= 0
-            r.draft = PendingDraft(list(d.tokens), ref if sampled else None, d.probs_row if sampled else -1)
-        for r, upto in zip(cache_only, cached_upto):
-            r.seq.draft_cached = upto
-        if reqs or cache_only:
-            self.trace.step("draft", self.drafter.address, self.ticks, start_t - t0, end_t - t0,
-                            len(reqs) + len(cache_only), out.compute_ms, prefills)
+            draft = PendingDraft(list(d.tokens), ref if sampled else None, d.probs_row if sampled else -1)
+            if kind == "draft":
+                r.seq.on_drafted(len(d.tokens))
+                r.draft = self._hold(draft)
+            elif kind == "ahead":
+                r.ahead, r.ahead_cached = self._hold(draft), start + len(tokens) + max(len(d.tokens) - 1, 0)
+            else:
+                r.seq.draft_cached = cached_upto[r.seq_id]
+        if entries:
+            self.costs.draft.update(draft_features(rows), out.compute_ms)
+            self.costs.draft_overhead.update(1e3 * (end_t - start_t) - out.compute_ms)
+            self.trace.step("draft", self.drafter.address, self.ticks, start_t - t0, end_t - t0, len(entries),
+                            out.compute_ms, prefills)
 
     async def _verify(self, reqs: list[Request], t0: float) -> None:
         if not reqs:
             return
         release, discards = self.releases.take_verifier()
         batch = pb.VerifyBatch(discard=discards, release=release)
-        refs = {id(r.draft.probs): r.draft.probs for r in reqs if r.draft is not None and r.draft.probs is not None}
-        if len(refs) > 1:
-            raise ServiceError(grpc.StatusCode.INTERNAL, "one verify step got drafts from two draft steps")
-        if refs:
-            batch.draft_probs.CopyFrom(next(iter(refs.values())))
-        prefills = 0
+        # Drafts of one verify may come from several draft steps (a merge of the two batches, draft-ahead hits next to
+        # fresh drafts): one reference each, by position.
+        refs: dict[int, int] = {}
+        for r in reqs:
+            q = r.draft.probs if r.draft is not None else None
+            if q is not None and id(q) not in refs:
+                refs[id(q)] = len(refs)
+                (batch.draft_probs if not refs[id(q)] else batch.more_draft_probs.add()).CopyFrom(q)
+        prefills, rows = 0, []
         for r in reqs:
             start, tokens = r.seq.verify_input()
             draft = r.draft
             entry = batch.seqs.add(seq_id=r.seq_id, start=start, tokens=tokens,
-                                   drafts=draft.tokens if draft else [], probs_row=draft.probs_row if draft else -1)
+                                   drafts=draft.tokens if draft else [], probs_row=draft.probs_row if draft else -1,
+                                   probs_ref=refs[id(draft.probs)] if draft and draft.probs is not None else 0)
+            rows.append((start, len(tokens) + len(entry.drafts)))
             if start == 0:  # the verifier keeps a sequence's sampling options from its first step on
                 prefills += 1
                 entry.sampling.CopyFrom(r.sampling)
         start_t = time.perf_counter()
         resp = await self.verifier.step(pb.VerifierRequest(verify=batch))
         end_t = time.perf_counter()
+        self._calls.append((start_t, end_t))
+        self.costs.verify.update(verify_features(rows), resp.verify.compute_ms)
+        self.costs.verify_overhead.update(1e3 * (end_t - start_t) - resp.verify.compute_ms)
         for r, v in zip(reqs, resp.verify.seqs):
             draft = r.drop_draft()
             drafted = len(draft.tokens) if draft else 0
+            self._outcomes[r.seq_id] = (drafted, v.num_accepted, v.tokens[-1] if v.tokens else -1)
             emitted = r.seq.on_verified(drafted, v.num_accepted, list(v.tokens))
+            if drafted:
+                self.acceptance.observe(drafted, v.num_accepted)
+                r.examined += min(drafted, v.num_accepted + 1)
             self.metrics.verified(drafted, v.num_accepted, len(emitted))
-            if draft is not None and draft.buffer:
-                self.releases.drafter_buffers.append(draft.buffer)
+            self._unhold([draft])
             if emitted and not r.cancelled:
                 self._outbox.append((r.events, ("tokens", emitted)))
             if r.seq.finished:
                 self._outbox.append((r.events, ("done", r.seq.finish_reason)))
         self.trace.step("verify", self.verifier.address, self.ticks, start_t - t0, end_t - t0, len(reqs),
                         resp.verify.compute_ms, prefills)
+
+    # ---- start-up profile -----------------------------------------------------------------------------------------
+    async def _profile(self, batch: int = 8, context: int = 64) -> None:
+        """A few timed steps on made-up sequences before the first request, so the cost model starts from this
+        deployment's own measurements: one prefill, verifies of 1 and k_max + 1 tokens per sequence and drafts of
+        1 and k_max, each for 1 and `batch` sequences. Then everything is released."""
+        vocab = min(self.verifier.info.vocab_size, self.drafter.info.vocab_size)
+        rng = np.random.default_rng(0)
+        ids = [f"__profile-{self.verifier.address}-{i}" for i in range(batch)]
+        prompts = [rng.integers(1, vocab, context).tolist() for _ in ids]
+        t = time.perf_counter()
+        self._calls = []
+
+        async def verify(n: int, q: int) -> None:
+            v = pb.VerifyBatch()
+            for i in range(n):
+                v.seqs.add(seq_id=ids[i], start=context, tokens=prompts[i][-1:], drafts=prompts[i][:q - 1])
+            resp = await self.verifier.step(pb.VerifierRequest(verify=v))
+            self.costs.verify.update(verify_features([(context, q)] * n), resp.verify.compute_ms)
+
+        async def draft(n: int, k: int) -> None:
+            p = pb.ProposeBatch(transport="inline")
+            for i in range(n):
+                p.seqs.add(seq_id=ids[i], start=context, tokens=prompts[i][-1:], k=k)
+            resp = await self.drafter.step(pb.DrafterRequest(propose=p))
+            self.costs.draft.update(draft_features([(context, 1, k)] * n), resp.propose.compute_ms)
+
+        pv, pd = pb.VerifyBatch(), pb.ProposeBatch(transport="inline")
+        for i in ids:
+            pv.seqs.add(seq_id=i, start=0, tokens=prompts[ids.index(i)] + [1])
+            pd.seqs.add(seq_id=i, start=0, tokens=prompts[ids.index(i)] + [1], k=0)
+        rv, rd = await asyncio.gather(self.verifier.step(pb.VerifierRequest(verify=pv)),
+                                      self.drafter.step(pb.DrafterRequest(propose=pd)))
+        self.costs.verify.update(verify_features([(0, context + 1)] * batch), rv.verify.compute_ms)
+        self.costs.draft.update(draft_features([(0, context + 1, 1)] * batch), rd.propose.compute_ms)
+        for n in (1, batch):
+            for q in (1, self.k_max + 1):
+                await verify(n, q)
+            for k in (1, self.k_max):
+                await draft(n, k)
+        await self.verifier.step(pb.VerifierRequest(release=pb.Release(seq_ids=ids)))
+        await self.drafter.step(pb.DrafterRequest(release=pb.Release(seq_ids=ids)))
+        x1, xb = verify_features([(context, 1)]), verify_features([(context, 1)] * batch)
+        log.info("lane %s: profiled in %.1f s: a verify forward costs %.1f ms for 1 sequence, %.1f ms for %d; a draft "
+                 "forward %.1f / %.1f ms", self.verifier.address, time.perf_counter() - t, self.costs.verify.predict(x1),
+                 self.costs.verify.predict(xb), batch, self.costs.draft.predict(x1), self.costs.draft.predict(xb))
 
     async def flush_releases(self) -> None:
         """When idle, free what finished sequences still hold instead of waiting for the next step. What a flush takes
@@ -465,10 +636,11 @@ class Lane:
         orphans = {}
         for r in self.batches[0] + self.batches[1]:
             r.seq.reset_cache("draft")
-            draft = r.drop_draft()  # its drafts may be fine, but their probabilities died with the drafter
-            if draft is not None and draft.probs is not None:
-                orphans[draft.buffer] = draft.probs
+            for draft in r.drop_drafts():  # they may be fine, but their probabilities died with the drafter
+                if draft.probs is not None:
+                    orphans[draft.buffer] = draft.probs
         self.releases.discards.extend(orphans.values())
+        self._holders.clear()
         self.releases.drafter_lost()
         if self._drafter_watch is None or self._drafter_watch.done():
             self._drafter_watch = asyncio.create_task(self._await_drafter())

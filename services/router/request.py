@@ -46,13 +46,17 @@ class PendingDraft:
 @dataclass(eq=False)
 class Request:
     """A lane's view of one client request: its Sequence, its sampling options as the services get them, the queue
-    its events go out on, and its pending draft."""
+    its events go out on, its pending draft, and the draft made ahead of it (the drafts that follow if the pending
+    one is accepted whole: `ahead`, with `ahead_cached`, what the drafter's cache then holds)."""
 
     seq: Sequence
     sampling: common_pb2.SamplingOptions
     events: asyncio.Queue = field(default_factory=asyncio.Queue)  # ("tokens", [ids]) | ("done", reason) | ("error", exc)
     cancelled: bool = False
     draft: PendingDraft | None = None
+    ahead: PendingDraft | None = None
+    ahead_cached: int = 0
+    examined: int = 0  # drafts the verifier judged (accepted ones plus the first rejected one of each step)
     arrived: float = field(default_factory=time.monotonic)  # for the queue-time and latency metrics
     admitted: float | None = None  # when it first joined a batch (a request moved to another lane keeps it)
 
@@ -80,8 +84,16 @@ class Request:
         draft, self.draft = self.draft, None
         return draft
 
-    def forget_caches(self) -> PendingDraft | None:
+    def drop_ahead(self) -> PendingDraft | None:
+        ahead, self.ahead = self.ahead, None
+        return ahead
+
+    def drop_drafts(self) -> list[PendingDraft]:
+        """Forget both the pending draft and the one made ahead of it; the caller frees what they point at."""
+        return [d for d in (self.drop_draft(), self.drop_ahead()) if d is not None]
+
+    def forget_caches(self) -> list[PendingDraft]:
         """Both services lost this sequence (it moves to another lane): it re-prefills from its tokens there."""
         self.seq.reset_cache("draft")
         self.seq.reset_cache("target")
-        return self.drop_draft()
+        return self.drop_drafts()

@@ -23,9 +23,12 @@ class Trace:
         self._emit({"kind": kind, "replica": replica, "tick": tick, "start": start_s, "end": end_s, "size": size,
                     "compute_ms": round(compute_ms, 3), "prefill": prefill})
 
-    def tick(self, tick: int, t0: float, t1: float, size_s: int, size_o: int) -> None:
+    def tick(self, tick: int, t0: float, t1: float, size_s: int, size_o: int, choice: str = "",
+             predicted: float = 0.0, explored: bool = False) -> None:
+        """One tick; `choice` is the schedule it ran (e.g. psd/k=4), `predicted` the controller's tokens/s for it."""
         self._emit({"kind": "tick", "tick": tick, "t": t0 - self._origin, "dur": t1 - t0, "verify_batch": size_s,
-                    "draft_batch": size_o})
+                    "draft_batch": size_o, "choice": choice, "predicted_tok_s": round(predicted, 1),
+                    "explored": explored})
 
     def _emit(self, record: dict) -> None:
         if self.records is not None:

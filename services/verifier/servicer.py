@@ -26,12 +26,14 @@ class VerifierService(ModelService):
         t = time.perf_counter()
         for ref in batch.discard:
             self.importer.discard(ref)
-        q = self._draft_probs(self.importer.open(batch.draft_probs)) if batch.HasField("draft_probs") else None
+        refs = ([batch.draft_probs] if batch.HasField("draft_probs") else []) + list(batch.more_draft_probs)
+        qs = [self._draft_probs(self.importer.open(ref)) for ref in refs]
         reqs = []
         for s in batch.seqs:
             params, gen = self.seq_state(s.seq_id, s.start, s.sampling, owned)
             probs = None
             if s.drafts and not params.greedy:
+                q = qs[s.probs_ref] if 0 <= s.probs_ref < len(qs) else None
                 if q is None or s.probs_row < 0 or s.probs_row + len(s.drafts) > q.ids.shape[0]:
                     raise ValueError(f"sequence {s.seq_id!r} samples but its draft probabilities are missing")
                 probs = q[s.probs_row: s.probs_row + len(s.drafts)]
