@@ -107,6 +107,14 @@ def _get(body: dict, name: str, kind: type | tuple, default=None):
     return value
 
 
+def _number(body: dict, name: str, default: float) -> float:
+    value = _get(body, name, (int, float), default)
+    try:
+        return float(value)
+    except OverflowError:  # an integer too large for a float: as out of range as inf, which validation refuses
+        return float("inf")
+
+
 @dataclass
 class Options:
     """What an HTTP request asks beyond its GenerateRequest."""
@@ -126,8 +134,7 @@ def _common(body: dict, req: gpb.GenerateRequest, chat: bool) -> Options:
     if _get(body, "n", int, 1) != 1:
         raise bad_request("only n=1 is supported", "n")
     req.model = _get(body, "model", str, "")
-    s = common_pb2.SamplingOptions(temperature=_get(body, "temperature", (int, float), 1.0),
-                                   top_p=_get(body, "top_p", (int, float), 1.0))
+    s = common_pb2.SamplingOptions(temperature=_number(body, "temperature", 1.0), top_p=_number(body, "top_p", 1.0))
     top_k = _get(body, "top_k", int, 0)
     if not -1 <= top_k <= INT32_MAX:
         raise bad_request(f"top_k must be -1 (off), 0 (off) or a positive integer, got {top_k}", "top_k")
@@ -143,12 +150,13 @@ def _common(body: dict, req: gpb.GenerateRequest, chat: bool) -> Options:
     req.stop.extend(stops)
     req.ignore_eos = _get(body, "ignore_eos", bool, False)
     names = ("max_completion_tokens", "max_tokens") if chat else ("max_tokens",)
-    limit = next((v for v in (_get(body, n, int) for n in names) if v is not None), None)
+    name, limit = next(((n, v) for n, v in ((n, _get(body, n, int)) for n in names) if v is not None),
+                       (names[-1], None))
     if limit is None and not chat:
         limit = 16  # OpenAI's (legacy) completions default
     if limit is not None:
         if not 1 <= limit <= INT32_MAX:
-            raise bad_request(f"{names[0]} must be >= 1, got {limit}", names[0])
+            raise bad_request(f"{name} must be between 1 and {INT32_MAX}, got {limit}", name)
         req.max_new_tokens = limit
     opts = Options(chat=chat, stream=_get(body, "stream", bool, False),
                    return_token_ids=_get(body, "return_token_ids", bool, False))
