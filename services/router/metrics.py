@@ -6,7 +6,7 @@ Who feeds what:
 - the request path (services/router/frontend.py) times each request: TTFT, inter-token gaps, end-to-end, queue,
   prefill and decode time, prompt tokens, finished requests by reason, rejections;
 - each lane reports through its `LaneMetrics`, two hooks and nothing else: `tick(schedule, k)` once per tick (the
-  schedule that tick ran: ar / sd / psd, or whatever an adaptive scheduler picks per tick) and
+  schedule that tick ran: ar / sd / psd / ahead, fixed or picked per tick by the adaptive controller) and
   `verified(num_drafts, num_accepted, num_emitted)` once per verified sequence, which counts generated tokens and
   vLLM's speculative-decoding counters exactly as the target committed them;
 - gauges of the present (requests running / waiting, KV use, the schedule in use, every replica's state) are read
@@ -32,7 +32,7 @@ import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from minedraft.config import MODES
+from services.router.policy import SCHEDULES
 
 if TYPE_CHECKING:
     from services.router.replicas import ReplicaPool
@@ -73,7 +73,8 @@ class LaneMetrics:
 
     def __init__(self, metrics: "Metrics | None" = None, schedule: str = ""):
         self._m = metrics
-        self.schedule = schedule  # of the last tick (the configured mode until the first)
+        # of the last tick; until the first, the configured mode if it is a schedule ('' for auto: not counted)
+        self.schedule = schedule if schedule in SCHEDULES else ""
         self.k = 0  # drafts per sequence the last tick asked for (0 when it did not speculate)
 
     def tick(self, schedule: str, k: int) -> None:
@@ -126,7 +127,7 @@ class Metrics:
         self.spec_accepted_per_pos = Counter("vllm:spec_decode_num_accepted_tokens_per_pos", "Accepted draft tokens "
                                              "by position in the draft (0 = first).", m + ["position"], registry=r)
         self.schedule_ticks = Counter("minedraft:schedule_ticks", "Lane ticks by the schedule they ran (ar, sd, psd, "
-                                      "...).", m + ["schedule"], registry=r)
+                                      "ahead).", m + ["schedule"], registry=r)
         self.ttft = Histogram("vllm:time_to_first_token_seconds", "Arrival to the first token out.", m,
                               buckets=TTFT_BUCKETS, registry=r)
         self.itl = Histogram("vllm:inter_token_latency_seconds", "Gap between successive outputs of a request (one per"
@@ -164,7 +165,7 @@ class Metrics:
             self.request_success.labels(model_name, reason)
         for pos in range(k):
             self.spec_accepted_per_pos.labels(model_name, str(pos))
-        for schedule in MODES:
+        for schedule in SCHEDULES:
             self.schedule_ticks.labels(model_name, schedule)
 
     def lane(self, schedule: str) -> LaneMetrics:
@@ -233,9 +234,10 @@ class _Live:
 
         schedule = GaugeMetricFamily("minedraft:schedule", "Lanes whose last tick ran this schedule (one lane: 1 for "
                                      "the schedule in use, 0 for the others).", labels=["model_name", "schedule"])
-        counts = dict.fromkeys(MODES, 0)
+        counts = dict.fromkeys(SCHEDULES, 0)
         for e in lanes:
-            counts[e.metrics.schedule] = counts.get(e.metrics.schedule, 0) + 1
+            if e.metrics.schedule:
+                counts[e.metrics.schedule] = counts.get(e.metrics.schedule, 0) + 1
         for s, n in counts.items():
             schedule.add_metric(name + [s], n)
         k = GaugeMetricFamily("minedraft:lane_num_speculative_tokens", "Drafts per sequence a lane's last tick asked "
