@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from services.router.acceptance import PositionAcceptance, all_accepted, expected_tokens, request_scale
-from services.router.costs import (CostModel, Ema, LinearCost, draft_features, draft_forwards, forward_features,
-                                   verify_features)
+from services.router.costs import (CostModel, Ema, LinearCost, decode_shaped, draft_features, draft_forwards,
+                                   forward_features, verify_features)
 from services.router.policy import Choice, Controller, LaneView, candidates, ranked, throughput
 
 
@@ -33,7 +33,7 @@ def test_draft_features_are_the_sum_of_their_forwards():
 
 def test_recursive_least_squares_recovers_the_cost_of_a_forward():
     rng = np.random.default_rng(0)
-    model = LinearCost.prior(10.0, 0.0, 0.0, confidence=0.01)
+    model = LinearCost.prior(10.0, 0.0, confidence=0.01)
     for _ in range(300):
         rows = [(int(rng.integers(10, 800)), int(rng.integers(1, 6))) for _ in range(int(rng.integers(1, 33)))]
         model.update(verify_features(rows), true_forward_ms(rows) * (1 + 0.02 * rng.standard_normal()))
@@ -44,6 +44,7 @@ def test_recursive_least_squares_recovers_the_cost_of_a_forward():
 def test_cost_model_predicts_steps_it_never_saw():
     costs = CostModel(LinearCost.prior(3.0, 0.4, 2e-4), LinearCost.prior(1.0, 0.1, 1e-5), Ema(0.5), Ema(0.5),
                       Ema(0.2))
+    assert decode_shaped([(300, 5)]) and not decode_shaped([(0, 300)])
     ctx = np.full(8, 300.0)
     assert costs.t_verify(ctx, 5) == pytest.approx(true_forward_ms([(300, 5)] * 8) + 0.5, rel=1e-6)
     # k draft forwards cost about k single forwards of the batch

@@ -263,6 +263,9 @@ class ScriptedController:
         self.ticks += 1
         return self.plan[self.ticks % len(self.plan)] if drafter else Choice("ar")
 
+    def observe(self, choice, tokens_per_s):
+        pass
+
 
 @pytest.mark.parametrize("mode", ["auto", "ahead", "switching"])
 def test_auto_ahead_and_forced_switches_are_lossless(services, prompts, mode):

@@ -1,8 +1,10 @@
 """What a step of each model service costs, as a function of its shape, fitted online from what the services report.
 
-A forward of the runtime costs about  c0 + c1 * tokens + c2 * attended  milliseconds: a fixed part (kernel launches,
-Python, reading the weights once: why batching pays), a part per new token (the matmuls), and a part per (new token,
-cached key) pair (attention). A verify step is one forward over every sequence's uncached tokens plus its drafts; a
+A forward of the runtime costs about  c0 + c1 * sequences + c2 * tokens + c3 * attended  milliseconds: a fixed part
+(kernel launches, Python, reading the weights once: why batching pays), a part per sequence (host-side bookkeeping,
+per-sequence attention setup), a part per new token (the matmuls), and a part per (new token, cached key) pair
+(attention). Only decode-shaped steps are fitted (a few tokens per sequence): a prompt's prefill runs the matmuls at
+another efficiency and would bend a model of what the controller chooses between, which is decode steps. A verify step is one forward over every sequence's uncached tokens plus its drafts; a
 draft step of k is k forwards, the first over the sequences' uncached tokens, the others over one token each, with
 sequences dropping out as their drafts are complete. So both are sums of forward features, and one linear model per
 service, fitted by recursive least squares with forgetting, predicts any step the controller may consider: another
@@ -20,14 +22,20 @@ from dataclasses import dataclass, field
 import numpy as np
 
 # Features are scaled so that typical values are O(1): the recursive least squares stays well conditioned.
-_SCALE = np.array([1.0, 1e-2, 1e-5])
+_SCALE = np.array([1.0, 1e-1, 1e-2, 1e-5])
+DECODE_TOKENS = 16  # at most this many new tokens per sequence make a step decode-shaped (fitted); more is a prefill
 
 
 def forward_features(rows: list[tuple[int, int]]) -> np.ndarray:
-    """Features of one forward over sequences given as (cached length, new tokens): [1, tokens, attended]."""
+    """Features of one forward over sequences given as (cached length, new tokens): [1, seqs, tokens, attended]."""
     tokens = sum(n for _, n in rows)
     attended = sum(n * (start + (n + 1) / 2) for start, n in rows)
-    return np.array([1.0, tokens, attended]) * _SCALE if rows else np.zeros(3)
+    return np.array([1.0, len(rows), tokens, attended]) * _SCALE if rows else np.zeros(4)
+
+
+def decode_shaped(rows) -> bool:
+    """Does a step only append a few tokens per sequence (no prompt prefill in it)? rows: (start, tokens, ...)."""
+    return bool(rows) and all(r[1] <= DECODE_TOKENS for r in rows)
 
 
 def verify_features(rows: list[tuple[int, int]]) -> np.ndarray:
@@ -38,7 +46,7 @@ def verify_features(rows: list[tuple[int, int]]) -> np.ndarray:
 def draft_features(rows: list[tuple[int, int, int]]) -> np.ndarray:
     """A draft step: (cached length, tokens fed first, forwards) per sequence. Forward d feeds every sequence with
     more than d forwards: its first tokens at d = 0, one token (the previous draft) after."""
-    total, depth = np.zeros(3), 0
+    total, depth = np.zeros(4), 0
     while True:
         live = [(start, feed, n) for start, feed, n in rows if n > depth]
         if not live:
@@ -64,10 +72,10 @@ class LinearCost:
     updates: int = 0
 
     @classmethod
-    def prior(cls, intercept_ms: float, per_token_ms: float, per_attended_ms: float = 0.0,
+    def prior(cls, intercept_ms: float, per_token_ms: float, per_attended_ms: float = 0.0, per_seq_ms: float = 0.0,
               confidence: float = 1.0) -> "LinearCost":
-        theta = np.array([intercept_ms, per_token_ms, per_attended_ms]) / _SCALE
-        return cls(theta, np.eye(3) * (100.0 / confidence))
+        theta = np.array([intercept_ms, per_seq_ms, per_token_ms, per_attended_ms]) / _SCALE
+        return cls(theta, np.eye(4) * (100.0 / confidence))
 
     def predict(self, x: np.ndarray) -> float:
         return max(float(x @ self.theta), 1e-3 * float(x[0]) if x[0] else 0.0)
@@ -106,14 +114,14 @@ class CostModel:
     @classmethod
     def guess(cls) -> "CostModel":
         """Before any measurement (a profile replaces it at start-up): a small model on a CPU core."""
-        return cls(LinearCost.prior(5.0, 0.5, 0.0, confidence=0.01), LinearCost.prior(2.0, 0.1, 0.0, confidence=0.01))
+        return cls(LinearCost.prior(5.0, 0.5, confidence=0.01), LinearCost.prior(2.0, 0.1, confidence=0.01))
 
     def t_verify(self, contexts: np.ndarray, tokens_per_seq: int | np.ndarray) -> float:
         """One verify call over sequences with these cached lengths, appending `tokens_per_seq` tokens each."""
         if len(contexts) == 0:
             return 0.0
         n = np.broadcast_to(np.asarray(tokens_per_seq, dtype=float), contexts.shape)
-        x = np.array([1.0, n.sum(), (n * (contexts + (n + 1) / 2)).sum()]) * _SCALE
+        x = np.array([1.0, len(contexts), n.sum(), (n * (contexts + (n + 1) / 2)).sum()]) * _SCALE
         return self.verify.predict(x) + self.verify_overhead.value
 
     def t_draft(self, contexts: np.ndarray, k: int, first_tokens: int = 1) -> float:
@@ -121,8 +129,8 @@ class CostModel:
         if len(contexts) == 0 or k <= 0:
             return 0.0
         b = len(contexts)
-        x = np.zeros(3)
+        x = np.zeros(4)
         for d in range(k):
             n = first_tokens if d == 0 else 1
-            x += np.array([1.0, b * n, (n * (contexts + d + (n + 1) / 2)).sum()]) * _SCALE
+            x += np.array([1.0, b, b * n, (n * (contexts + d + (n + 1) / 2)).sum()]) * _SCALE
         return self.draft.predict(x) + self.draft_overhead.value

@@ -31,7 +31,7 @@ from minedraft.config import RouterConfig
 from minedraft.v1 import model_service_pb2 as pb
 from services.router.acceptance import PositionAcceptance, request_scale
 from services.router.clients import ModelClient, ServiceError
-from services.router.costs import CostModel, draft_features, draft_forwards, verify_features
+from services.router.costs import CostModel, decode_shaped, draft_features, draft_forwards, verify_features
 from services.router.metrics import LaneMetrics
 from services.router.negotiation import negotiate
 from services.router.policy import Choice, Controller, LaneView
@@ -97,6 +97,7 @@ class Lane:
         self._holders: Counter[str] = Counter()  # drafter buffer -> pending drafts that point at it
         self._outcomes: dict[str, tuple[int, int, int]] = {}  # this tick's (drafted, accepted, last token) per seq
         self._calls: list[tuple[float, float]] = []  # this tick's service calls (start, end)
+        self._tick_tokens, self._tick_prefilled = 0, False  # what this tick emitted; did it prefill a prompt
         self._last_tick_end = 0.0
         self.dead = False  # this lane's verifier is gone and its requests moved to other lanes
         self.verifier_down = False  # waiting for a lost verifier to come back (new requests go elsewhere or fail)
@@ -321,6 +322,20 @@ class Lane:
 
     async def _tick(self) -> None:
         choice = self.controller.choose(self._view(), self.costs, drafter=self.drafter_up and self.mode != "ar")
+        if getattr(self.controller, "switched", None):
+            was, now, top = self.controller.switched
+            self.controller.switched = None
+            log.info("lane %s: %d running, auto runs %s (was %s); predicted tok/s: %s; measured/predicted: %s",
+                     self.verifier.address, self.running, now, was, ", ".join(f"{c} {t:.0f}" for t, c in top),
+                     ", ".join(f"{s} {v:.2f}" for s, v in self.controller.correction.items()))
+            if log.isEnabledFor(logging.DEBUG):
+                ctx = self._view().contexts
+                log.debug("lane %s: ms predicted: verify %.1f (all, k+1 tokens) %.1f (half); draft %.1f (all) %.1f "
+                          "(half); overheads verify %.1f draft %.1f tick %.1f", self.verifier.address,
+                          self.costs.t_verify(ctx, now.k + 1), self.costs.t_verify(ctx[0::2], now.k + 1),
+                          self.costs.t_draft(ctx, now.k), self.costs.t_draft(ctx[0::2], now.k),
+                          self.costs.verify_overhead.value, self.costs.draft_overhead.value,
+                          self.costs.tick_overhead.value)
         sched, k = choice.schedule, choice.k
         if sched == "psd":
             self._rebalance()
@@ -328,7 +343,7 @@ class Lane:
             self._merge()
         S, O = self.batches[self.cur], self.batches[1 - self.cur]
         t0 = time.perf_counter()
-        self._calls = []
+        self._calls, self._tick_tokens, self._tick_prefilled = [], 0, False
         if sched != "ar":
             need = [r for r in S if r.phase == DRAFT]
             # psd drafts S first only when nothing is stored for it (its first tick); the others draft every request
@@ -352,6 +367,8 @@ class Lane:
             if err is not None:
                 await self._lost(err)  # raises if the requests cannot go on
         end = time.perf_counter()
+        if not self._tick_prefilled:  # a prompt's prefill makes a tick many times longer whatever the schedule
+            self.controller.observe(choice, self._tick_tokens / max(end - t0 + self._gap(t0), 1e-6))
         self._observe_tick(t0, end)
         self.trace.tick(self.ticks, t0, end, len(S), len(O), str(choice), self.controller.predicted,
                         self.controller.explored)
@@ -392,9 +409,12 @@ class Lane:
         for s, e in sorted(self._calls):
             covered += max(0.0, e - max(s, last))
             last = max(last, e)
-        gap = t0 - self._last_tick_end if 0 <= t0 - self._last_tick_end < 0.05 else 0.0
-        self.costs.tick_overhead.update(1e3 * (end - t0 - covered + gap))
+        self.costs.tick_overhead.update(1e3 * (end - t0 - covered + self._gap(t0)))
         self._last_tick_end = end
+
+    def _gap(self, t0: float) -> float:
+        """Time between the previous tick's end and this one's start, when the lane was busy all along."""
+        return t0 - self._last_tick_end if 0 <= t0 - self._last_tick_end < 0.05 else 0.0
 
     async def _launch(self, *steps) -> list[ServiceError | None]:
         """Start the calls (their tasks are queued before anything else), then hand out the last verify's events, so
@@ -462,9 +482,10 @@ class Lane:
                 r.ahead, r.ahead_cached = self._hold(draft), start + len(tokens) + max(len(d.tokens) - 1, 0)
             else:
                 r.seq.draft_cached = cached_upto[r.seq_id]
-        if entries:
+        if entries and not cache_only and decode_shaped(rows):
             self.costs.draft.update(draft_features(rows), out.compute_ms)
             self.costs.draft_overhead.update(1e3 * (end_t - start_t) - out.compute_ms)
+        if entries:
             self.trace.step("draft", self.drafter.address, self.ticks, start_t - t0, end_t - t0, len(entries),
                             out.compute_ms, prefills)
 
@@ -491,18 +512,21 @@ class Lane:
             rows.append((start, len(tokens) + len(entry.drafts)))
             if start == 0:  # the verifier keeps a sequence's sampling options from its first step on
                 prefills += 1
+                self._tick_prefilled = True
                 entry.sampling.CopyFrom(r.sampling)
         start_t = time.perf_counter()
         resp = await self.verifier.step(pb.VerifierRequest(verify=batch))
         end_t = time.perf_counter()
         self._calls.append((start_t, end_t))
-        self.costs.verify.update(verify_features(rows), resp.verify.compute_ms)
-        self.costs.verify_overhead.update(1e3 * (end_t - start_t) - resp.verify.compute_ms)
+        if decode_shaped(rows):
+            self.costs.verify.update(verify_features(rows), resp.verify.compute_ms)
+            self.costs.verify_overhead.update(1e3 * (end_t - start_t) - resp.verify.compute_ms)
         for r, v in zip(reqs, resp.verify.seqs):
             draft = r.drop_draft()
             drafted = len(draft.tokens) if draft else 0
             self._outcomes[r.seq_id] = (drafted, v.num_accepted, v.tokens[-1] if v.tokens else -1)
             emitted = r.seq.on_verified(drafted, v.num_accepted, list(v.tokens))
+            self._tick_tokens += len(emitted)
             if drafted:
                 self.acceptance.observe(drafted, v.num_accepted)
                 r.examined += min(drafted, v.num_accepted + 1)
@@ -519,7 +543,7 @@ class Lane:
     async def _profile(self, batch: int = 8, context: int = 64) -> None:
         """A few timed steps on made-up sequences before the first request, so the cost model starts from this
         deployment's own measurements: one prefill, verifies of 1 and k_max + 1 tokens per sequence and drafts of
-        1 and k_max, each for 1 and `batch` sequences. Then everything is released."""
+        1 and k_max, each for 1, batch / 2 and `batch` sequences. Then everything is released."""
         vocab = min(self.verifier.info.vocab_size, self.drafter.info.vocab_size)
         rng = np.random.default_rng(0)
         ids = [f"__profile-{self.verifier.address}-{i}" for i in range(batch)]
@@ -545,11 +569,9 @@ class Lane:
         for i in ids:
             pv.seqs.add(seq_id=i, start=0, tokens=prompts[ids.index(i)] + [1])
             pd.seqs.add(seq_id=i, start=0, tokens=prompts[ids.index(i)] + [1], k=0)
-        rv, rd = await asyncio.gather(self.verifier.step(pb.VerifierRequest(verify=pv)),
-                                      self.drafter.step(pb.DrafterRequest(propose=pd)))
-        self.costs.verify.update(verify_features([(0, context + 1)] * batch), rv.verify.compute_ms)
-        self.costs.draft.update(draft_features([(0, context + 1, 1)] * batch), rd.propose.compute_ms)
-        for n in (1, batch):
+        await asyncio.gather(self.verifier.step(pb.VerifierRequest(verify=pv)),
+                             self.drafter.step(pb.DrafterRequest(propose=pd)))  # prefill: not decode-shaped, not fitted
+        for n in (1, batch // 2, batch, batch // 2, 1):  # each shape twice: a first call may pay for warm-up
             for q in (1, self.k_max + 1):
                 await verify(n, q)
             for k in (1, self.k_max):

@@ -11,7 +11,10 @@ For each, `throughput` predicts tokens per second from the cost model (costs.py)
 (acceptance.py). The Controller picks the best, but keeps its current choice unless another is predicted to be
 `margin` better (so noise in the estimates cannot make it oscillate), and now and then explores a neighbour (k +- 1,
 or another schedule at the same k), so that a wrong estimate, such as the acceptance of a position never drafted,
-gets corrected by measurement. Pure: no servers (tests/test_policy.py).
+gets corrected by measurement. What the cost model cannot see (the router's and the client's own CPU on a shared
+machine, a schedule's extra calls) is corrected by measurement too: each schedule's prediction is scaled by the
+ratio of the throughput its ticks actually gave to what was predicted for them (a running mean per schedule).
+Pure: no servers (tests/test_policy.py).
 """
 
 from __future__ import annotations
@@ -96,20 +99,32 @@ def candidates(k_max: int, schedules: tuple[str, ...] = SCHEDULES) -> list[Choic
 class Controller:
     """Per-lane chooser. `fixed` pins one choice (the fixed modes); otherwise it decides as the module says,
     re-scoring every choice when the batch changes size and every `every` ticks otherwise (a score of every choice
-    costs about a millisecond; a tick can be a few)."""
+    costs about a millisecond; a tick can be a few). `explore` is the share of ticks spent trying a neighbour."""
 
     def __init__(self, k_max: int, schedules: tuple[str, ...] = SCHEDULES, fixed: Choice | None = None,
-                 margin: float = 0.05, explore: float = 0.03, every: int = 8, seed: int = 0):
+                 margin: float = 0.05, explore: float = 0.02, explore_ticks: int = 4, every: int = 8, seed: int = 0):
         self.fixed, self.margin, self.explore, self.every = fixed, margin, explore, every
+        self.explore_ticks = explore_ticks  # an exploration holds its choice this many ticks: the first is not steady
+        self._exploring: Choice | None = None
+        self._explore_left = 0
+        self._last, self._run = Choice("ar"), 0  # the last choice returned and how many ticks its schedule has run
         self.options = candidates(k_max, schedules)
         self.current: Choice | None = fixed
         self.predicted = 0.0  # tokens/s the current choice is predicted to give
         self.explored = False  # the last choice was an exploration
         self._scores: dict[Choice, float] = {}
+        self.correction = {s: 1.0 for s in SCHEDULES}  # measured / predicted throughput, per schedule
+        self.switched: tuple | None = None  # (from, to, top scores) when the last re-score changed the choice
         self._scored_n, self._age = -1, 0
         self._rng = random.Random(seed)
 
     def choose(self, view: LaneView, costs: CostModel, drafter: bool = True) -> Choice:
+        picked = self._choose(view, costs, drafter)
+        self._run = self._run + 1 if picked.schedule == self._last.schedule else 1
+        self._last = picked
+        return picked
+
+    def _choose(self, view: LaneView, costs: CostModel, drafter: bool) -> Choice:
         self.explored = False
         if not drafter:  # without a drafter only target-only decoding is possible
             return Choice("ar")
@@ -117,19 +132,41 @@ class Controller:
             return self.fixed
         self._age += 1
         if view.n != self._scored_n or self._age >= self.every or self.current is None:
-            scores = ranked(view, costs, self.options)
+            scores = sorted(((t * self.correction[c.schedule], c) for t, c in ranked(view, costs, self.options)),
+                            key=lambda tc: -tc[0])
             self._scores, self._scored_n, self._age = {c: t for t, c in scores}, view.n, 0
             best_tps, best = scores[0]
             if self.current is None or best_tps > self._scores.get(self.current, 0.0) * (1 + self.margin):
+                self.switched = (self.current, best, scores[:3])
                 self.current = best
             self.predicted = self._scores[self.current]
-        if self._rng.random() < self.explore:
-            near = self._neighbours(self.current)
+        if self._exploring is None and self._rng.random() < self.explore / self.explore_ticks:
+            same, other = self._neighbours(self.current)
+            # Mostly k +- 1 (free to switch to); another schedule a third of the time (its first tick is not steady).
+            near = same if same and (not other or self._rng.random() < 2 / 3) else other
             if near:
-                self.explored = True
-                return self._rng.choice(near)
+                self._exploring, self._explore_left = self._rng.choice(near), self.explore_ticks
+        if self._exploring is not None:
+            self._explore_left -= 1
+            picked = self._exploring
+            if self._explore_left <= 0:
+                self._exploring = None
+            self.explored = True
+            return picked
         return self.current
 
-    def _neighbours(self, c: Choice) -> list[Choice]:
-        return [o for o in self.options if (o.schedule == c.schedule and abs(o.k - c.k) == 1) or
-                (o.schedule != c.schedule and o.k == c.k and o.schedule != "ar")]
+    def observe(self, choice: Choice, tokens_per_s: float, weight: float = 0.05) -> None:
+        """A tick of `choice` gave this throughput: move its schedule's correction towards measured / predicted.
+        The first tick after a change of schedule is not steady (psd's first tick drafts before it can overlap,
+        draft-ahead's has nothing drafted ahead yet), so it does not count."""
+        predicted = self._scores.get(choice, 0.0) / self.correction[choice.schedule]
+        if self.fixed is None and predicted > 0 and tokens_per_s >= 0 and self._run >= 2:
+            ratio = min(2.0, max(0.25, tokens_per_s / predicted))
+            self.correction[choice.schedule] += weight * (ratio - self.correction[choice.schedule])
+
+    def _neighbours(self, c: Choice) -> tuple[list[Choice], list[Choice]]:
+        """(the same schedule at k +- 1, the other schedules at this k)."""
+        same = [o for o in self.options if o.schedule == c.schedule and abs(o.k - c.k) == 1]
+        other = [o for o in self.options if o.schedule != c.schedule and (o.k == c.k or o.schedule == "ar" or
+                                                                        c.schedule == "ar" and o.k == 1)]
+        return same, other
