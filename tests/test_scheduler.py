@@ -259,7 +259,7 @@ class ScriptedController:
         self.plan = [Choice(cycle[i % 7], 0 if cycle[i % 7] == "ar" else 1 + i % k_max) for i in range(7 * k_max)]
         self.ticks = 0
 
-    def choose(self, view, costs, drafter=True):
+    def choose(self, view, costs, drafter=True, n=None):
         self.ticks += 1
         return self.plan[self.ticks % len(self.plan)] if drafter else Choice("ar")
 

@@ -116,6 +116,21 @@ class CostModel:
         """Before any measurement (a profile replaces it at start-up): a small model on a CPU core."""
         return cls(LinearCost.prior(5.0, 0.5, confidence=0.01), LinearCost.prior(2.0, 0.1, confidence=0.01))
 
+    def verify_ms(self, n: int, sum_ctx: float, q: int) -> float:
+        """t_verify from sums: n sequences with these summed cached lengths, q new tokens each (O(1): the
+        controller scores dozens of choices per decision)."""
+        if n <= 0:
+            return 0.0
+        x = np.array([1.0, n, n * q, q * sum_ctx + n * q * (q + 1) / 2]) * _SCALE
+        return self.verify.predict(x) + self.verify_overhead.value
+
+    def draft_ms(self, n: int, sum_ctx: float, k: int) -> float:
+        """t_draft from sums: k drafts for n sequences (one token fed first), O(1)."""
+        if n <= 0 or k <= 0:
+            return 0.0
+        x = np.array([k, k * n, k * n, k * sum_ctx + n * k * (k + 1) / 2]) * _SCALE
+        return self.draft.predict(x) + self.draft_overhead.value
+
     def t_verify(self, contexts: np.ndarray, tokens_per_seq: int | np.ndarray) -> float:
         """One verify call over sequences with these cached lengths, appending `tokens_per_seq` tokens each."""
         if len(contexts) == 0:

@@ -321,7 +321,8 @@ class Lane:
         O.clear()
 
     async def _tick(self) -> None:
-        choice = self.controller.choose(self._view(), self.costs, drafter=self.drafter_up and self.mode != "ar")
+        choice = self.controller.choose(self._view, self.costs, drafter=self.drafter_up and self.mode != "ar",
+                                        n=self.running)
         if getattr(self.controller, "switched", None):
             was, now, top = self.controller.switched
             self.controller.switched = None

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -61,26 +62,28 @@ def throughput(choice: Choice, view: LaneView, costs: CostModel, yields: np.ndar
                hits: np.ndarray | None = None) -> float:
     """Predicted generated tokens per second of running `choice` on these requests. `yields` [n, k_max + 1] and
     `hits` [n, k_max] (expected tokens per verification and draft-ahead hit probability per k) may be passed in
-    when many choices are scored at once."""
-    ctx, k = view.contexts.astype(float), choice.k
-    if view.n == 0:
+    when many choices are scored at once. Step costs come from sums over the requests (costs.CostModel.*_ms)."""
+    n, k = view.n, choice.k
+    if n == 0:
         return 0.0
-    over = costs.tick_overhead.value
+    ctx = view.contexts
+    total, over = float(ctx.sum()), costs.tick_overhead.value
     if choice.schedule == "ar":
-        return 1e3 * view.n / (costs.t_verify(ctx, 1) + over)
+        return 1e3 * n / (costs.verify_ms(n, total, 1) + over)
     tokens = float((yields if yields is not None else expected_tokens(view.alphas, k))[:, k].sum())
-    if choice.schedule == "sd" or (choice.schedule == "psd" and view.n < 2):
-        return 1e3 * tokens / (costs.t_draft(ctx, k) + costs.t_verify(ctx, k + 1) + over)
+    if choice.schedule == "sd" or (choice.schedule == "psd" and n < 2):
+        return 1e3 * tokens / (costs.draft_ms(n, total, k) + costs.verify_ms(n, total, k + 1) + over)
     if choice.schedule == "psd":
-        a, b = ctx[0::2], ctx[1::2]
-        tick_a = max(costs.t_draft(b, k), costs.t_verify(a, k + 1)) + over
-        tick_b = max(costs.t_draft(a, k), costs.t_verify(b, k + 1)) + over
+        na, nb = (n + 1) // 2, n // 2
+        ca, cb = total * na / n, total * nb / n
+        tick_a = max(costs.draft_ms(nb, cb, k), costs.verify_ms(na, ca, k + 1)) + over
+        tick_b = max(costs.draft_ms(na, ca, k), costs.verify_ms(nb, cb, k + 1)) + over
         return 1e3 * tokens / (tick_a + tick_b)
     # ahead: the next k (plus a guess of the target's token) drafted during the verify; misses re-draft first
     hit = hits[:, k - 1] if hits is not None else all_accepted(view.alphas, k)
     misses = max(1, int(round(float((1 - hit).sum()))))
-    t_miss = (1.0 - float(np.prod(hit))) * costs.t_draft(np.sort(ctx)[-misses:], k)
-    tick = max(costs.t_verify(ctx, k + 1), costs.t_draft(ctx + k, k + 1)) + t_miss + over
+    t_miss = (1.0 - float(np.prod(hit))) * costs.draft_ms(misses, total * misses / n, k)
+    tick = max(costs.verify_ms(n, total, k + 1), costs.draft_ms(n, total + n * k, k + 1)) + t_miss + over
     return 1e3 * tokens / tick
 
 
@@ -118,23 +121,28 @@ class Controller:
         self._scored_n, self._age = -1, 0
         self._rng = random.Random(seed)
 
-    def choose(self, view: LaneView, costs: CostModel, drafter: bool = True) -> Choice:
-        picked = self._choose(view, costs, drafter)
+    def choose(self, view: LaneView | Callable[[], LaneView], costs: CostModel, drafter: bool = True,
+               n: int | None = None) -> Choice:
+        """The choice for the next tick. `view` may be a function making it, called only when the choices are
+        re-scored (then `n`, the number of running requests, tells whether the batch changed size)."""
+        picked = self._choose(view, costs, drafter, n)
         self._run = self._run + 1 if picked.schedule == self._last.schedule else 1
         self._last = picked
         return picked
 
-    def _choose(self, view: LaneView, costs: CostModel, drafter: bool) -> Choice:
+    def _choose(self, view, costs: CostModel, drafter: bool, n: int | None) -> Choice:
         self.explored = False
         if not drafter:  # without a drafter only target-only decoding is possible
             return Choice("ar")
         if self.fixed is not None:
             return self.fixed
         self._age += 1
-        if view.n != self._scored_n or self._age >= self.every or self.current is None:
+        n = view.n if isinstance(view, LaneView) else n
+        if n != self._scored_n or self._age >= self.every or self.current is None:
+            view = view if isinstance(view, LaneView) else view()
             scores = sorted(((t * self.correction[c.schedule], c) for t, c in ranked(view, costs, self.options)),
                             key=lambda tc: -tc[0])
-            self._scores, self._scored_n, self._age = {c: t for t, c in scores}, view.n, 0
+            self._scores, self._scored_n, self._age = {c: t for t, c in scores}, n, 0
             best_tps, best = scores[0]
             if self.current is None or best_tps > self._scores.get(self.current, 0.0) * (1 + self.margin):
                 self.switched = (self.current, best, scores[:3])
