@@ -26,7 +26,8 @@ def true_forward_ms(rows, c=(3.0, 0.4, 2e-4)):
 
 def test_draft_features_are_the_sum_of_their_forwards():
     rows = [(100, 1, 3), (50, 2, 1), (10, 1, 0)]  # (cached, first feed, forwards)
-    expect = forward_features([(100, 1), (50, 2)]) + forward_features([(101, 1)]) + forward_features([(102, 1)])
+    call = np.array([1.0, 0, 0, 0, 0])  # one call, three forwards
+    expect = call + forward_features([(100, 1), (50, 2)]) + forward_features([(101, 1)]) + forward_features([(102, 1)])
     assert np.allclose(draft_features(rows), expect)
     assert draft_forwards(k=4, drafted=4) == 4 and draft_forwards(k=4, drafted=2) == 3
 
@@ -39,6 +40,18 @@ def test_recursive_least_squares_recovers_the_cost_of_a_forward():
         model.update(verify_features(rows), true_forward_ms(rows) * (1 + 0.02 * rng.standard_normal()))
     for rows in ([(500, 5)] * 16, [(20, 1)], [(1000, 1)] * 64):
         assert model.predict(verify_features(rows)) == pytest.approx(true_forward_ms(rows), rel=0.05)
+
+
+def test_draft_calls_are_told_apart_from_their_forwards():
+    """5 ms per call plus k forwards of 1 + 0.3 ms per sequence: a short draft is not a long one's k-th part."""
+    rng = np.random.default_rng(4)
+    model = LinearCost.prior(2.0, 0.1, confidence=0.01)
+    truth = lambda n, k: 5.0 + k * (1.0 + 0.3 * n)  # noqa: E731
+    for _ in range(200):
+        n, k = int(rng.integers(1, 17)), int(rng.integers(1, 9))
+        model.update(draft_features([(100, 1, k)] * n), truth(n, k) * (1 + 0.02 * rng.standard_normal()))
+    for n, k in ((1, 1), (1, 8), (16, 1), (16, 8), (32, 4)):
+        assert model.predict(draft_features([(100, 1, k)] * n)) == pytest.approx(truth(n, k), rel=0.06)
 
 
 def test_cost_model_predicts_steps_it_never_saw():
@@ -171,17 +184,24 @@ def test_controller_reaches_the_best_fixed_choice_and_settles(case):
     rng = np.random.default_rng(2)
     c_d, c_v, alphas, n = {
         "real-pair-like": ((20.0, 7.0, 1e-4), (30.0, 10.0, 2e-4), [0.75] * 9, 8),
-        "demo-pair-like": ((4.0, 0.3, 1e-5), (12.0, 0.8, 3e-5), [0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.5, 0.4, 0.4], 16),
+        "demo-pair-like": ((2.0, 0.2, 1e-5), (12.0, 0.5, 3e-5), [0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.5, 0.4, 0.4], 16),
         "one-request": ((4.0, 0.3, 1e-5), (12.0, 0.8, 3e-5), [0.9] * 9, 1),
     }[case]
     sim = SimLane(c_d, c_v, alphas, n, rng)
     costs, acc = CostModel.guess(), PositionAcceptance(8)
+    for b in (1, 4, 8, 4, 1):  # the lane's start-up profile: verifies of 1 and 9 tokens, drafts of 1 and 8
+        seqs = [i % n for i in range(b)]
+        for q in (1, 9):
+            sim.verify(seqs, q - 1, costs)
+        for k in (1, 8):
+            sim.draft(seqs, k, costs)
     ctl = Controller(8, seed=3)
     choices, tokens, ms = [], 0.0, 0.0
     for tick in range(900):
         v = LaneView(sim.ctx.astype(float), np.tile(acc.rates(), (n, 1)))
         choice = ctl.choose(v, costs)
         t, m = sim.run(choice, costs, acc)
+        ctl.observe(choice, 1e3 * t / m)  # as the lane reports each tick's measured throughput
         choices.append(choice)
         if tick >= 300:
             tokens, ms = tokens + t, ms + m

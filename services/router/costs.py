@@ -1,9 +1,11 @@
 """What a step of each model service costs, as a function of its shape, fitted online from what the services report.
 
-A forward of the runtime costs about  c0 + c1 * sequences + c2 * tokens + c3 * attended  milliseconds: a fixed part
-(kernel launches, Python, reading the weights once: why batching pays), a part per sequence (host-side bookkeeping,
-per-sequence attention setup), a part per new token (the matmuls), and a part per (new token, cached key) pair
-(attention). Only decode-shaped steps are fitted (a few tokens per sequence): a prompt's prefill runs the matmuls at
+A call costs c0 once (the service's request handling, step setup), and each forward in it c1 + c2 * sequences +
+c3 * tokens + c4 * attended milliseconds: a fixed part (kernel launches, Python, reading the weights once: why batching
+pays), a part per sequence (host-side bookkeeping, per-sequence attention setup), a part per new token (the matmuls),
+and a part per (new token, cached key) pair (attention). A draft call of k runs k forwards for one c0, so the per-call
+and the per-forward parts must be told apart: a model with one intercept per forward overprices short drafts' calls
+and underprices long ones. Only decode-shaped steps are fitted (a few tokens per sequence): a prompt's prefill runs the matmuls at
 another efficiency and would bend a model of what the controller chooses between, which is decode steps. A verify step is one forward over every sequence's uncached tokens plus its drafts; a
 draft step of k is k forwards, the first over the sequences' uncached tokens, the others over one token each, with
 sequences dropping out as their drafts are complete. So both are sums of forward features, and one linear model per
@@ -22,15 +24,17 @@ from dataclasses import dataclass, field
 import numpy as np
 
 # Features are scaled so that typical values are O(1): the recursive least squares stays well conditioned.
-_SCALE = np.array([1.0, 1e-1, 1e-2, 1e-5])
+_SCALE = np.array([1.0, 1.0, 1e-1, 1e-2, 1e-5])
+_CALL = np.array([1.0, 0.0, 0.0, 0.0, 0.0])
 DECODE_TOKENS = 16  # at most this many new tokens per sequence make a step decode-shaped (fitted); more is a prefill
 
 
 def forward_features(rows: list[tuple[int, int]]) -> np.ndarray:
-    """Features of one forward over sequences given as (cached length, new tokens): [1, seqs, tokens, attended]."""
+    """Features of one forward over sequences given as (cached length, new tokens):
+    [0 calls, 1 forward, seqs, tokens, attended]."""
     tokens = sum(n for _, n in rows)
     attended = sum(n * (start + (n + 1) / 2) for start, n in rows)
-    return np.array([1.0, len(rows), tokens, attended]) * _SCALE if rows else np.zeros(4)
+    return np.array([0.0, 1.0, len(rows), tokens, attended]) * _SCALE if rows else np.zeros(5)
 
 
 def decode_shaped(rows) -> bool:
@@ -39,14 +43,14 @@ def decode_shaped(rows) -> bool:
 
 
 def verify_features(rows: list[tuple[int, int]]) -> np.ndarray:
-    """A verify step: (cached length, uncached tokens + drafts) per sequence, one forward."""
-    return forward_features(rows)
+    """A verify call: (cached length, uncached tokens + drafts) per sequence, one forward."""
+    return _CALL + forward_features(rows) if rows else np.zeros(5)
 
 
 def draft_features(rows: list[tuple[int, int, int]]) -> np.ndarray:
     """A draft step: (cached length, tokens fed first, forwards) per sequence. Forward d feeds every sequence with
     more than d forwards: its first tokens at d = 0, one token (the previous draft) after."""
-    total, depth = np.zeros(4), 0
+    total, depth = _CALL.copy() if rows else np.zeros(5), 0
     while True:
         live = [(start, feed, n) for start, feed, n in rows if n > depth]
         if not live:
@@ -68,17 +72,17 @@ class LinearCost:
 
     theta: np.ndarray
     cov: np.ndarray
-    memory: float = 200.0
+    memory: float = 500.0
     updates: int = 0
 
     @classmethod
-    def prior(cls, intercept_ms: float, per_token_ms: float, per_attended_ms: float = 0.0, per_seq_ms: float = 0.0,
-              confidence: float = 1.0) -> "LinearCost":
-        theta = np.array([intercept_ms, per_seq_ms, per_token_ms, per_attended_ms]) / _SCALE
-        return cls(theta, np.eye(4) * (100.0 / confidence))
+    def prior(cls, per_forward_ms: float, per_token_ms: float, per_attended_ms: float = 0.0, per_seq_ms: float = 0.0,
+              per_call_ms: float = 0.0, confidence: float = 1.0) -> "LinearCost":
+        theta = np.array([per_call_ms, per_forward_ms, per_seq_ms, per_token_ms, per_attended_ms]) / _SCALE
+        return cls(theta, np.eye(5) * (100.0 / confidence))
 
     def predict(self, x: np.ndarray) -> float:
-        return max(float(x @ self.theta), 1e-3 * float(x[0]) if x[0] else 0.0)
+        return max(float(x @ self.theta), 1e-3 * float(x[1]))
 
     def update(self, x: np.ndarray, ms: float) -> None:
         if not x.any() or not np.isfinite(ms):
@@ -121,14 +125,14 @@ class CostModel:
         controller scores dozens of choices per decision)."""
         if n <= 0:
             return 0.0
-        x = np.array([1.0, n, n * q, q * sum_ctx + n * q * (q + 1) / 2]) * _SCALE
+        x = np.array([1.0, 1.0, n, n * q, q * sum_ctx + n * q * (q + 1) / 2]) * _SCALE
         return self.verify.predict(x) + self.verify_overhead.value
 
     def draft_ms(self, n: int, sum_ctx: float, k: int) -> float:
         """t_draft from sums: k drafts for n sequences (one token fed first), O(1)."""
         if n <= 0 or k <= 0:
             return 0.0
-        x = np.array([k, k * n, k * n, k * sum_ctx + n * k * (k + 1) / 2]) * _SCALE
+        x = np.array([1.0, k, k * n, k * n, k * sum_ctx + n * k * (k + 1) / 2]) * _SCALE
         return self.draft.predict(x) + self.draft_overhead.value
 
     def t_verify(self, contexts: np.ndarray, tokens_per_seq: int | np.ndarray) -> float:
@@ -136,7 +140,7 @@ class CostModel:
         if len(contexts) == 0:
             return 0.0
         n = np.broadcast_to(np.asarray(tokens_per_seq, dtype=float), contexts.shape)
-        x = np.array([1.0, len(contexts), n.sum(), (n * (contexts + (n + 1) / 2)).sum()]) * _SCALE
+        x = np.array([1.0, 1.0, len(contexts), n.sum(), (n * (contexts + (n + 1) / 2)).sum()]) * _SCALE
         return self.verify.predict(x) + self.verify_overhead.value
 
     def t_draft(self, contexts: np.ndarray, k: int, first_tokens: int = 1) -> float:
@@ -144,8 +148,8 @@ class CostModel:
         if len(contexts) == 0 or k <= 0:
             return 0.0
         b = len(contexts)
-        x = np.zeros(4)
+        x = _CALL.copy()
         for d in range(k):
             n = first_tokens if d == 0 else 1
-            x += np.array([1.0, b, b * n, (n * (contexts + d + (n + 1) / 2)).sum()]) * _SCALE
+            x += np.array([0.0, 1.0, b, b * n, (n * (contexts + d + (n + 1) / 2)).sum()]) * _SCALE
         return self.draft.predict(x) + self.draft_overhead.value

@@ -9,7 +9,8 @@ Schedules (what one tick of a lane does with its running requests):
          during verification turns into latency at low load
 For each, `throughput` predicts tokens per second from the cost model (costs.py) and the acceptance estimates
 (acceptance.py). The Controller picks the best, but keeps its current choice unless another is predicted to be
-`margin` better (so noise in the estimates cannot make it oscillate), and now and then explores a neighbour (k +- 1,
+`margin` better (twice that for another schedule, whose first tick costs more; so noise in the estimates cannot make
+it oscillate), and now and then explores a neighbour (k +- 1,
 or another schedule at the same k), so that a wrong estimate, such as the acceptance of a position never drafted,
 gets corrected by measurement. What the cost model cannot see (the router's and the client's own CPU on a shared
 machine, a schedule's extra calls) is corrected by measurement too: each schedule's prediction is scaled by the
@@ -144,7 +145,10 @@ class Controller:
                             key=lambda tc: -tc[0])
             self._scores, self._scored_n, self._age = {c: t for t, c in scores}, n, 0
             best_tps, best = scores[0]
-            if self.current is None or best_tps > self._scores.get(self.current, 0.0) * (1 + self.margin):
+            # Another schedule must beat the current one by twice the margin: its first tick is not steady (a psd
+            # tick drafts before it can overlap, an ahead tick has nothing drafted ahead yet).
+            margin = self.margin if self.current is None or best.schedule == self.current.schedule else 2 * self.margin
+            if self.current is None or best_tps > self._scores.get(self.current, 0.0) * (1 + margin):
                 self.switched = (self.current, best, scores[:3])
                 self.current = best
             self.predicted = self._scores[self.current]
