@@ -227,7 +227,7 @@ def test_cli_generate_with_token_and_ca(cluster, pki, expected, capsys):
             cluster.address, "--ca", str(pki["ca"][0])]
     assert main(args) == 1  # no token
     assert "UNAUTHENTICATED" in capsys.readouterr().err
-    assert main(args + ["--token", pki["token"], "--no-stream"]) == 0
+    assert main(args + [f"--token={pki['token']}", "--no-stream"]) == 0
     out = capsys.readouterr().out
     from minedraft.runtime.checkpoint import load_tokenizer
 

@@ -36,14 +36,21 @@ class PositionAcceptance:
 
     def observe(self, drafted: int, accepted: int) -> None:
         """One verification of `drafted` drafts of which the first `accepted` were accepted."""
-        if drafted <= 0:
+        self.observe_step([drafted], [accepted])
+
+    def observe_step(self, drafted: list[int], accepted: list[int]) -> None:
+        """A verify step's verifications at once (one decay and one count per position for the whole step)."""
+        pairs = [(d, a) for d, a in zip(drafted, accepted) if d > 0]
+        if not pairs:
             return
-        seen = min(drafted, accepted + 1, self.k_max)
-        decay = 1.0 - 1.0 / self.memory
+        decay = (1.0 - 1.0 / self.memory) ** len(pairs)
         self.accepted *= decay
         self.examined *= decay
-        self.examined[:seen] += 1
-        self.accepted[:min(accepted, self.k_max)] += 1
+        seen = np.bincount([min(d, a + 1, self.k_max) for d, a in pairs], minlength=self.k_max + 1)
+        took = np.bincount([min(a, self.k_max) for _, a in pairs], minlength=self.k_max + 1)
+        # a verification that examined s positions counts once at each of positions 1..s
+        self.examined += seen[::-1].cumsum()[::-1][1:self.k_max + 1]
+        self.accepted += took[::-1].cumsum()[::-1][1:self.k_max + 1]
 
     def rates(self) -> np.ndarray:
         """alpha_j for j = 1..k_max."""
