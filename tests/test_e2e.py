@@ -70,16 +70,27 @@ def test_streaming_equals_unary(cluster):
 
 
 def test_seeded_sampling_is_reproducible(cluster):
-    """A seed fixes the sample in a pinned mode. Under auto the schedule and k follow the measured timings, and the
-    drafts a rejection-sampled token depends on change with them: the same seed then gives a sample from the same
-    distribution, not the same sample (README: pin a mode for bit-reproducible seeded sampling)."""
+    """A seed fixes the sample in a pinned mode, whoever else runs: six seeded requests sent together twice, and two
+    of them alone, give the same tokens (psd drafts a request that joins a batch with the other batch, so its steps
+    never depend on timing: Lane._defer_undrafted). Under auto the schedule and k follow the measured timings, and
+    the drafts a rejection-sampled token depends on change with them: the same seed then gives a sample from the
+    same distribution, not the same sample (README: pin a mode for bit-reproducible seeded sampling)."""
     stub = stub_for(cluster)
-    opts = common_pb2.SamplingOptions(temperature=0.9, top_p=0.95, top_k=50, seed=1234)
-    req = gpb.GenerateRequest(prompt=chat(PROMPTS[5]), max_new_tokens=24, sampling=opts, ignore_eos=True)
-    a, b = stub.Generate(req, timeout=120), stub.Generate(req, timeout=120)
-    assert len(a.token_ids) == len(b.token_ids) == 24
+    reqs = [gpb.GenerateRequest(prompt=chat(p), max_new_tokens=24, ignore_eos=True,
+                                sampling=common_pb2.SamplingOptions(temperature=0.9, top_p=0.95, top_k=50,
+                                                                    seed=1234 + i))
+            for i, p in enumerate(PROMPTS)]
+
+    def together():
+        with ThreadPoolExecutor(len(reqs)) as pool:
+            return [list(r.token_ids) for r in pool.map(lambda q: stub.Generate(q, timeout=120), reqs)]
+
+    first, again = together(), together()
+    alone = [list(stub.Generate(q, timeout=120).token_ids) for q in reqs[:2]]
+    assert all(len(t) == 24 for t in first + again + alone)
     if cluster.mode != "auto":
-        assert list(a.token_ids) == list(b.token_ids)
+        assert again == first, "seeded requests differ between two runs"
+        assert alone == first[:2], "seeded requests differ when sent alone"
     wait_kv_free(cluster)
 
 

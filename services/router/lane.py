@@ -314,6 +314,17 @@ class Lane:
             full.remove(r)
         empty.extend(movable)
 
+    @staticmethod
+    def _defer_undrafted(S: list[Request], O: list[Request]) -> None:
+        """psd: a request of S without a draft (just prefilled, or moved by a rebalance) is drafted with O this tick
+        rather than verified alone with zero drafts. Every request's steps are then prefill, then draft k and verify,
+        whatever batch it joined and whoever else runs: a seeded request consumes its random streams the same way in
+        every run, so its sample is reproducible (rejection sampling's outcome depends on where drafts were made)."""
+        late = [r for r in S if r.phase == DRAFT]
+        for r in late:
+            S.remove(r)
+        O.extend(late)
+
     def _merge(self) -> None:
         """A single-batch schedule: everyone is in S."""
         S, O = self.batches[self.cur], self.batches[1 - self.cur]
@@ -343,6 +354,8 @@ class Lane:
         else:
             self._merge()
         S, O = self.batches[self.cur], self.batches[1 - self.cur]
+        if sched == "psd" and any(r.phase == VERIFY for r in S):
+            self._defer_undrafted(S, O)
         t0 = time.perf_counter()
         self._calls, self._tick_tokens, self._tick_prefilled = [], 0, False
         if sched != "ar":
