@@ -98,6 +98,10 @@ class ModelService:
         self.importer = TensorImporter(self.device)
         self.generators: dict[str, torch.Generator | None] = {}
         self.params: dict[str, SamplingParams] = {}
+        # seq_id -> the `owned` set of the session holding it. A router that re-dials (a connection it gave up on)
+        # re-prefills on its new session while the old one may still be open here: the sequence moves to the new
+        # session, and steps of the old one for it are refused (a late write would overwrite the new cache).
+        self.owners: dict[str, set[str]] = {}
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.role}-step")
         self.busy_s = 0.0
         self.busy_window = BusyWindow()
@@ -114,14 +118,21 @@ class ModelService:
 
     # ---- sequence state -------------------------------------------------------------------------------------------
     def seq_state(self, seq_id: str, start: int, opts: common_pb2.SamplingOptions, owned: set[str]):
-        """Sampling params and generator of a sequence, created the first time the sequence is seen (start 0)."""
-        if seq_id not in self.params:
-            if start != 0:
-                raise ValueError(f"unknown sequence {seq_id!r} (released, or cached on another replica)")
+        """Sampling params and generator of a sequence. Written from position 0, a sequence begins anew in this
+        session (new params and generator, whoever held it before); later steps must come from its session."""
+        holder = self.owners.get(seq_id)
+        if start == 0:
+            if holder is not None and holder is not owned:
+                holder.discard(seq_id)  # taken over: the old session's end must not free it
             params = sampling_from_proto(opts)
             self.params[seq_id] = params
             self.generators[seq_id] = params.make_generator(salt=self.generator_salt)
             owned.add(seq_id)
+            self.owners[seq_id] = owned
+        elif holder is None:
+            raise ValueError(f"unknown sequence {seq_id!r} (released, or cached on another replica)")
+        elif holder is not owned:
+            raise ValueError(f"sequence {seq_id!r} was taken over by a newer session: stale step refused")
         return self.params[seq_id], self.generators[seq_id]
 
     def release(self, seq_ids, owned: set[str]) -> int:
@@ -129,6 +140,7 @@ class ModelService:
         for s in seq_ids:
             if s in owned:
                 owned.discard(s)
+                self.owners.pop(s, None)
                 self.params.pop(s, None)
                 self.generators.pop(s, None)
                 n += self.runner.release(s)

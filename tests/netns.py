@@ -570,7 +570,6 @@ class NetnsCluster:
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     proxies: dict[str, Relay] = field(default_factory=dict)
     relays: dict[str, Relay] = field(default_factory=dict)
-    _router_argv: list[str] = field(default_factory=list)
 
     HOSTS = ("router", "drafter", "verifier", "harness")
     PORTS = {"router": 50051, "drafter": 50061, "verifier": 50062}
@@ -585,11 +584,24 @@ class NetnsCluster:
     def service_address(self, role: str) -> str:
         return f"127.0.0.1:{self.relays[role].port}"
 
-    def dialled(self, role: str) -> str:
-        """The address the router dials for `role`."""
-        if self.via_proxy:
+    def dialled(self, role: str, via_proxy: bool | None = None) -> str:
+        """The address the router dials for `role` (through the fault proxy, or straight across the switch)."""
+        if self.via_proxy if via_proxy is None else via_proxy:
             return f"{self.ip('harness')}:{self.PORTS[role]}"
         return f"{self.ip(role)}:{self.PORTS[role]}"
+
+    def _router_base(self) -> list[str]:
+        router_tls = []
+        if self.tls:
+            router_tls = ["--internal-ca", self.tls.ca]
+            if self.tls.client_cert:
+                router_tls += ["--internal-cert", self.tls.client_cert, "--internal-key", self.tls.client_key]
+        if self.public_tls:
+            router_tls += ["--tls-cert", self.public_tls[0], "--tls-key", self.public_tls[1]]
+        return ["--host", self.ip("router"), "--port", str(self.PORTS["router"]),
+                "--verifiers", self.dialled("verifier"), "--drafters", self.dialled("drafter"),
+                "--drain-timeout-s", str(self.drain_timeout_s),
+                *(["--tokenizer", self.target] if self.target else []), *router_tls]
 
     def _env(self) -> dict[str, str]:
         return {"PYTHONUNBUFFERED": "1", "MINEDRAFT_PARENT_PID": str(os.getpid()),
@@ -646,18 +658,7 @@ class NetnsCluster:
             for role, model in (("verifier", self.target), ("drafter", self.draft)):
                 self._spawn(role, ["--host", self.ip(role), "--port", str(self.PORTS[role]),
                                    *(["--model", model] if model else []), *service_tls, *self.service_args])
-            router_tls = []
-            if self.tls:
-                router_tls = ["--internal-ca", self.tls.ca]
-                if self.tls.client_cert:
-                    router_tls += ["--internal-cert", self.tls.client_cert, "--internal-key", self.tls.client_key]
-            if self.public_tls:
-                router_tls += ["--tls-cert", self.public_tls[0], "--tls-key", self.public_tls[1]]
-            self._router_argv = ["--host", self.ip("router"), "--port", str(self.PORTS["router"]),
-                                 "--verifiers", self.dialled("verifier"), "--drafters", self.dialled("drafter"),
-                                 "--drain-timeout-s", str(self.drain_timeout_s),
-                                 *(["--tokenizer", self.target] if self.target else []), *router_tls]
-            self._spawn("router", [*self._router_argv, "--mode", self.mode, *self.router_args])
+            self._spawn("router", [*self._router_base(), "--mode", self.mode, *self.router_args])
             for role in ("verifier", "drafter"):
                 wait_serving(self.service_address(role), timeout_s, self.procs[role],
                              credentials=self.credentials(role))
@@ -667,15 +668,21 @@ class NetnsCluster:
             raise
         return self
 
-    def replace_router(self, mode: str, router_args: list[str], timeout_s: float = 180.0) -> None:
-        """A new router (mode, flags) against the same model services: SIGTERM the old one (it drains) first."""
+    def replace_router(self, mode: str, router_args: list[str], via_proxy: bool | None = None,
+                       timeout_s: float = 180.0) -> None:
+        """A new router (mode, flags; dialling through the proxies or not) against the same model services: SIGTERM
+        the old one (it drains) first."""
         from minedraft.launcher import wait_serving
 
         old = self.procs.pop("router")
         old.send_signal(signal.SIGTERM)
         old.wait(15 + self.drain_timeout_s)
         self.mode, self.router_args = mode, list(router_args)
-        p = self._spawn("router", [*self._router_argv, "--mode", mode, *self.router_args])
+        if via_proxy is not None:
+            if via_proxy and not self.proxies:
+                raise ValueError("this cluster was started without proxies")
+            self.via_proxy = via_proxy
+        p = self._spawn("router", [*self._router_base(), "--mode", mode, *self.router_args])
         wait_serving(self.address, timeout_s, p, credentials=self.credentials("router"))
 
     def namespaces_of(self, role: str) -> dict[str, str]:

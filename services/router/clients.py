@@ -47,19 +47,45 @@ class ModelClient:
     def __init__(self, address: str, kind: str, max_message_mb: int = 64, timeout_s: float = 120.0,
                  credentials: grpc.ChannelCredentials | None = None, server_name: str = ""):
         self.address, self.kind, self.timeout_s = address, kind, timeout_s
-        options = channel_options(max_message_mb)
-        if credentials is None:
-            self.channel = grpc.aio.insecure_channel(address, options=options)
-        else:
-            if server_name:  # replicas are dialled by resolved IP; their certificates carry a name
-                options.append(("grpc.ssl_target_name_override", server_name))
-            self.channel = grpc.aio.secure_channel(address, credentials, options=options)
-        self.stub = (pb_grpc.DrafterStub if kind == "drafter" else pb_grpc.VerifierStub)(self.channel)
+        self._dial = (max_message_mb, credentials, server_name)
+        self.channel = self._new_channel()
+        self.stub = self._new_stub()
         self.info: pb.ModelInfo | None = None
         self.down_since: float | None = None  # monotonic time this replica was found gone; None while it serves
         self._session = None
         self._lock = asyncio.Lock()
         self._ids = itertools.count(1)
+        self._closing: set[asyncio.Task] = set()  # channels dropped by _redial, closing
+
+    def _new_channel(self) -> grpc.aio.Channel:
+        max_message_mb, credentials, server_name = self._dial
+        # Its own subchannel pool: channels to one address otherwise share a connection, and a re-dial would reuse
+        # the very connection it means to leave.
+        options = channel_options(max_message_mb) + [("grpc.use_local_subchannel_pool", 1)]
+        if credentials is None:
+            return grpc.aio.insecure_channel(self.address, options=options)
+        if server_name:  # replicas are dialled by resolved IP; their certificates carry a name
+            options.append(("grpc.ssl_target_name_override", server_name))
+        return grpc.aio.secure_channel(self.address, credentials, options=options)
+
+    def _new_stub(self):
+        return (pb_grpc.DrafterStub if self.kind == "drafter" else pb_grpc.VerifierStub)(self.channel)
+
+    def _redial(self) -> None:
+        """A call that timed out may sit on a half-open connection (a middlebox that forgot it, a peer that vanished
+        without a FIN): the channel would keep using it until TCP gives up, minutes later. Drop the channel and dial
+        again, so the next call (the health check that waits for the replica) opens a new connection."""
+        old, self.channel = self.channel, self._new_channel()
+        self.stub = self._new_stub()
+        task = asyncio.get_running_loop().create_task(self._close_later(old))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _close_later(self, channel: grpc.aio.Channel) -> None:
+        """Close a dropped channel once the calls still on it have met their own deadlines: closing it under them
+        can leave them pending past their deadline (seen with a probe on a black-holed connection)."""
+        await asyncio.sleep(self.timeout_s + 5.0)
+        await channel.close()
 
     # ---- reachability: each change is logged once, whoever notices it (a failed step, the health watcher) --------
     def mark_down(self, why: str) -> None:
@@ -102,7 +128,7 @@ class ModelClient:
         return self.info
 
     async def probe(self, request: pb.ProbeRequest) -> pb.ProbeReply:
-        return await self.stub.ProbeTransport(request, timeout=30)
+        return await self.stub.ProbeTransport(request, timeout=10)
 
     async def step(self, request):
         """Send one step (a DrafterRequest or VerifierRequest, step_id filled in here) and await its answer."""
@@ -126,6 +152,8 @@ class ModelClient:
                 self._session.cancel()
                 self._session = None
                 code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else grpc.StatusCode.UNAVAILABLE
+                if isinstance(exc, asyncio.TimeoutError) or code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    self._redial()
                 self.mark_down(f"a step failed: {code.name}")
                 raise ServiceError(code, f"{self.kind} {self.address}: {exc}", lost=True, source=self.kind) from exc
             if resp is grpc.aio.EOF:
@@ -145,6 +173,8 @@ class ModelClient:
         return await self._session.read()
 
     async def close(self) -> None:
+        for task in list(self._closing):
+            task.cancel()
         if self._session is not None:
             self._session.cancel()
             self._session = None
