@@ -6,8 +6,9 @@ drafter, then the two swap. A tick costs ~max(T_draft, T_verify) instead of thei
        so with one batch non-empty it degrades to plain SD until the other fills;
   sd   one batch: draft, then verify;
   ar   one batch, target only (verify with zero drafts).
-New requests join the smaller batch (the one just verified on ties, since it drafts next) and are prefilled on the
-verifier in the same call that verifies S, while the drafter caches their prompts in the tick's draft call.
+New requests join the smaller batch (S on ties, since it drafts next) and are prefilled on the verifier with their
+batch's verification, while the drafter caches their prompts in a draft call; then they draft and verify like the
+rest. Every request runs the same steps whatever batch it joined, so a seeded sample does not depend on timing.
 
 The router holds every request's prompt and accepted tokens (Sequence), so a model service that goes away costs
 caches, never requests. Recovery is always the same move: forget what the lost service cached and let the next step
@@ -316,8 +317,8 @@ class Lane:
 
     @staticmethod
     def _defer_undrafted(S: list[Request], O: list[Request]) -> None:
-        """psd: a request of S without a draft (just prefilled, or moved by a rebalance) is drafted with O this tick
-        rather than verified alone with zero drafts. Every request's steps are then prefill, then draft k and verify,
+        """psd: a request of S without a draft (a rebalance, a lost drafter's or a schedule switch's leftovers) is
+        drafted with O this tick rather than verified alone with zero drafts. Every request's steps are then prefill, then draft k and verify,
         whatever batch it joined and whoever else runs: a seeded request consumes its random streams the same way in
         every run, so its sample is reproducible (rejection sampling's outcome depends on where drafts were made)."""
         late = [r for r in S if r.phase == DRAFT]
@@ -367,13 +368,15 @@ class Lane:
                 if derr is not None:
                     await self._lost(derr)
                     return
-        # New requests prefill with S's verification; target-only verifies everyone each tick.
-        verify_set = S + [r for r in O if r.phase == PREFILL or sched == "ar"]
+        # New requests prefill with their own batch's verification (single-batch schedules merged O into S): one
+        # that joined O waits a tick rather than being prefilled now and then verified alone with zero drafts, so
+        # every request runs prefill, then draft k and verify, whatever batch it joined (reproducible seeded samples).
+        verify_set = S
         draft_set = [r for r in O if r.phase == DRAFT] if sched == "psd" else []
         ahead = [r for r in S if r.draft is not None and self._ahead_len(r, k) > 0] if sched == "ahead" else []
-        # The drafter caches new prompts while the verifier prefills them, so their first draft step feeds one token
-        # instead of the whole prompt: the draft-side prefill hides behind the (much longer) target prefill.
-        warm = [r for r in verify_set if r.phase == PREFILL and r.seq.draft_cached == 0] \
+        # The drafter caches new prompts while the verifier works, so their first draft step feeds one token instead
+        # of the whole prompt: the draft-side prefill hides behind the (much longer) target prefill.
+        warm = [r for r in S + O if r.phase == PREFILL and r.seq.draft_cached == 0] \
             if self.drafter_up and self.mode != "ar" else []
         verr, derr = await self._launch(self._verify(verify_set, t0), self._draft(t0, draft_set, k, warm, ahead))
         self._settle_ahead(ahead, verified=verr is None and derr is None)
