@@ -128,10 +128,11 @@ def test_lossless_and_schedule(services, prompts, mode):
         assert sorted(by_tick[0]) == ["draft", "verify"]
         assert all(r["prefill"] == 0 for r in rec if r["kind"] == "draft" and r["tick"] > 0)
     if mode == "psd":
-        # All six arrive together: split 3/3; tick 0 prefills everyone, tick 1 drafts S first (no stored drafts),
-        # and from then on a tick verifies one batch while drafting the other.
+        # All six arrive together: split 3/3; tick 0 prefills S (the drafter caches all six prompts meanwhile),
+        # tick 1 prefills the other three while drafting S's, and from then on a tick verifies one batch while
+        # drafting the other. Each request runs prefill, then draft and verify, whichever batch it joined.
         assert ticks[0]["verify_batch"] == 3 and ticks[0]["draft_batch"] == 3
-        assert by_tick[1] == ["draft", "draft", "verify"] or by_tick[1] == ["draft", "verify", "draft"]
+        assert sorted(by_tick[1]) == ["draft", "verify"]
         # With both batches non-empty a tick is one verify overlapped with one draft; a synchronous draft first
         # happens only right after a batch emptied and the survivors were split in two (rebalance).
         both = [t["tick"] for t in ticks if t["tick"] >= 2 and t["draft_batch"] > 0]
