@@ -268,7 +268,10 @@ def test_swarm_stack_deploy(image, expected):
         while not (cid := router_container()) and time.monotonic() < deadline:
             time.sleep(3)
         assert cid, f"router not healthy:\n{router_log()[-4000:]}"
-        assert [line.endswith("(transport shm)") for line in lane_lines(router_log())] == [True]
+        # healthy is the liveness check (a router waiting for its replicas is alive): the lane comes when they resolve
+        while not lane_lines(router_log()) and time.monotonic() < deadline:
+            time.sleep(3)
+        assert [line.endswith("(transport shm)") for line in lane_lines(router_log())] == [True], router_log()[-4000:]
 
         code = ("import grpc, json; from minedraft.v1 import generate_pb2 as g, generate_pb2_grpc as gg; "
                 "s = gg.GenerationStub(grpc.insecure_channel('127.0.0.1:50051')); "
