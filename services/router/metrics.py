@@ -26,7 +26,7 @@ the lanes or requests do.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -35,8 +35,17 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from services.router.policy import SCHEDULES
 
 if TYPE_CHECKING:
-    from services.router.replicas import ReplicaPool
     from services.router.request import Request
+
+
+class Pool(Protocol):
+    """What the metrics read from the replica pool (ReplicaPool), declared here so that metrics, a lower layer, does
+    not import the pool that owns it."""
+    max_len: int
+
+    async def status(self, timeout_s: float) -> list: ...
+
+    def live_lanes(self) -> list: ...
 
 CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST
 
@@ -135,7 +144,7 @@ class Metrics:
         prometheus_client.disable_created_metrics()  # as vLLM does: no `_created` twin of every counter
         self.registry = CollectorRegistry()
         self.model_name = ""
-        self.pool: ReplicaPool | None = None
+        self.pool: Pool | None = None
         self._replicas: list = []  # the last scrape's ReplicaStatus rows
         r, m = self.registry, ["model_name"]
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prefilled prompt tokens (counted at the first token).",
@@ -172,7 +181,7 @@ class Metrics:
         self.registry.register(_Live(self))
         self._token_histograms: tuple[Histogram, Histogram, Histogram] | None = None
 
-    def attach(self, pool: "ReplicaPool", model_name: str, k: int) -> None:
+    def attach(self, pool: Pool, model_name: str, k: int) -> None:
         """Serve `model_name` from `pool`: series that always exist (zero counts included) are created now, so a
         dashboard's rates start from 0 rather than from the first event."""
         self.pool, self.model_name = pool, model_name
