@@ -61,7 +61,11 @@ class ModelClient:
         max_message_mb, credentials, server_name = self._dial
         # Its own subchannel pool: channels to one address otherwise share a connection, and a re-dial would reuse
         # the very connection it means to leave.
-        options = channel_options(max_message_mb) + [("grpc.use_local_subchannel_pool", 1)]
+        # Reconnect attempts at most 1 s apart (gRPC's default backoff grows to 120 s): a replica whose link comes back
+        # is found within a second, well inside the time a lane waits for it.
+        options = channel_options(max_message_mb) + [("grpc.use_local_subchannel_pool", 1),
+                                                     ("grpc.initial_reconnect_backoff_ms", 200),
+                                                     ("grpc.max_reconnect_backoff_ms", 1000)]
         if credentials is None:
             return grpc.aio.insecure_channel(self.address, options=options)
         if server_name:  # replicas are dialled by resolved IP; their certificates carry a name
