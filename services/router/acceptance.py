@@ -21,6 +21,13 @@ PRIOR_RATE = 0.6  # acceptance believed before anything is observed
 PRIOR_WEIGHT = 4.0  # ... worth this many observations
 
 
+def prefix_counts(lengths, size: int) -> np.ndarray:
+    """counts[j] = how many of `lengths` exceed j, for j in 0..size-1: per position, how many prefixes (of accepted
+    or examined drafts) reach it. Lengths above `size` count as `size`."""
+    capped = np.minimum(np.asarray(lengths, dtype=int), size)
+    return np.bincount(capped, minlength=size + 1)[::-1].cumsum()[::-1][1:]
+
+
 @dataclass
 class PositionAcceptance:
     """Accepted / examined counts per draft position (1-based positions stored at index j - 1)."""
@@ -46,11 +53,9 @@ class PositionAcceptance:
         decay = (1.0 - 1.0 / self.memory) ** len(pairs)
         self.accepted *= decay
         self.examined *= decay
-        seen = np.bincount([min(d, a + 1, self.k_max) for d, a in pairs], minlength=self.k_max + 1)
-        took = np.bincount([min(a, self.k_max) for _, a in pairs], minlength=self.k_max + 1)
         # a verification that examined s positions counts once at each of positions 1..s
-        self.examined += seen[::-1].cumsum()[::-1][1:self.k_max + 1]
-        self.accepted += took[::-1].cumsum()[::-1][1:self.k_max + 1]
+        self.examined += prefix_counts([min(d, a + 1) for d, a in pairs], self.k_max)
+        self.accepted += prefix_counts([a for _, a in pairs], self.k_max)
 
     def rates(self) -> np.ndarray:
         """alpha_j for j = 1..k_max."""

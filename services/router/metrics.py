@@ -7,8 +7,9 @@ Who feeds what:
   prefill and decode time, prompt tokens, finished requests by reason, rejections;
 - each lane reports through its `LaneMetrics`, two hooks and nothing else: `tick(schedule, k)` once per tick (the
   schedule that tick ran: ar / sd / psd / ahead, fixed or picked per tick by the adaptive controller) and
-  `verified(num_drafts, num_accepted, num_emitted)` once per verified sequence, which counts generated tokens and
-  vLLM's speculative-decoding counters exactly as the target committed them;
+  `verified_step(drafts, accepted, emitted)` once per verify step (per sequence the drafts checked and accepted,
+  and the tokens committed in all), which counts generated tokens and vLLM's speculative-decoding counters exactly
+  as the target committed them;
 - gauges of the present (requests running / waiting, KV use, the schedule in use, every replica's state) are read
   when scraped, from the replica pool and from each model service.
 
@@ -32,6 +33,7 @@ import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from services.router.acceptance import prefix_counts
 from services.router.policy import SCHEDULES
 
 if TYPE_CHECKING:
@@ -93,11 +95,6 @@ class LaneMetrics:
         if self._m is not None:
             self._m.schedule_ticks.labels(self._m.model_name, schedule).inc()
 
-    def verified(self, num_drafts: int, num_accepted: int, num_emitted: int) -> None:
-        """The target checked `num_drafts` drafts of one sequence, accepted the first `num_accepted` and committed
-        `num_emitted` tokens (accepted + its own, cut at EOS / length)."""
-        self.verified_step([num_drafts], [num_accepted], num_emitted)
-
     def verified_step(self, drafts: list[int], accepted: list[int], emitted: int) -> None:
         """One verify step: per sequence the drafts checked and accepted, and the tokens committed in all. Counted
         once per step, not per sequence: at batch 64 the per-sequence label lookups cost the event loop ~2 ms a tick."""
@@ -112,12 +109,9 @@ class LaneMetrics:
         c["drafts"].inc(len(checked))
         c["draft_tokens"].inc(sum(d for d, _ in checked))
         c["accepted"].inc(sum(a for _, a in checked))
-        per_pos = [0] * max(a for _, a in checked)
-        for _, a in checked:  # acceptance is a prefix: positions 0 .. a - 1
-            for pos in range(a):
-                per_pos[pos] += 1
-        for pos, n in enumerate(per_pos):
-            c["per_pos"](pos).inc(n)
+        accepted_lens = [a for _, a in checked]  # acceptance is a prefix: positions 0 .. a - 1
+        for pos, n in enumerate(prefix_counts(accepted_lens, max(accepted_lens))):
+            c["per_pos"](pos).inc(int(n))
 
     def _children(self) -> dict:
         """The labelled counters, looked up once."""
