@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from support import BUDGETS, PROMPTS, TARGET, chat, running_cluster  # noqa: E402
+from support import BUDGETS, PROMPTS, TARGET, chat, running_cluster, target_only  # noqa: E402
 
 # The test models are tiny: intra-op threads buy nothing, and on a 2-core machine where the services under test (or
 # anything else) keep a core busy, two spinning torch threads make every op ~100x slower.
@@ -57,14 +57,7 @@ def prompt_ids(tokenizer):
 
 
 @pytest.fixture(scope="session")
-def expected(prompt_ids):
+def expected():
     """Target-only greedy continuations of PROMPTS within BUDGETS, computed in this process (EOS honoured, as the
     server does): what every mode must return."""
-    from minedraft.runtime.checkpoint import load_model
-    from minedraft.runtime.reference import generate, make_sequences
-    from minedraft.runtime.runner import ModelRunner
-    from minedraft.runtime.sampling import SamplingParams
-
-    model = load_model(TARGET)
-    seqs = make_sequences(prompt_ids, SamplingParams(), BUDGETS, model.arch.max_position, model.arch.eos_token_ids)
-    return [s.output for s in generate(ModelRunner(model, 16384), seqs)]
+    return target_only(PROMPTS, BUDGETS)

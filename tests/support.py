@@ -33,6 +33,23 @@ BUDGETS = [40, 17, 33, 8, 25, 50]  # max_new_tokens per prompt above
 FAULT_PROMPTS = ["Tell me about the ocean.", "Write a short story about a robot.", "How do plants grow?"]
 
 
+def target_only(prompts: list[str], budgets: int | list[int], model: str = TARGET, ignore_eos: bool = False
+                ) -> list[list[int]]:
+    """Greedy target-only continuations of the chat-rendered `prompts`, computed in this process by our reference
+    runtime (held to transformers by test_model_oracle.py): what every serving path must return."""
+    from minedraft.runtime.checkpoint import load_model, load_tokenizer
+    from minedraft.runtime.reference import generate, make_sequences
+    from minedraft.runtime.runner import ModelRunner
+    from minedraft.runtime.sampling import SamplingParams
+
+    tok = load_tokenizer(model)
+    ids = [tok.encode(chat(p), add_special_tokens=False) for p in prompts]
+    target = load_model(model)
+    seqs = make_sequences(ids, SamplingParams(), budgets, target.arch.max_position, target.arch.eos_token_ids,
+                          ignore_eos=ignore_eos)
+    return [s.output for s in generate(ModelRunner(target, 16384), seqs)]
+
+
 @contextlib.contextmanager
 def running_cluster(log_dir, clean_exit: bool = True, timeout_s: float = 180, **kwargs):
     """A Cluster on the models under test; on exit it is stopped and nothing may be left behind: with `clean_exit`

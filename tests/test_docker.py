@@ -28,7 +28,7 @@ import grpc
 import pytest
 
 from minedraft.config import DEMO_TARGET
-from support import chat
+from support import chat, target_only
 
 docker = pytest.mark.docker  # every test here but the healthcheck ones (which need no engine and run by default)
 
@@ -155,16 +155,7 @@ def project(image, tmp_path_factory):
 @pytest.fixture(scope="module")
 def expected():
     """Target-only greedy continuations of the demo target, computed in this process (EOS honoured)."""
-    from minedraft.runtime.checkpoint import load_model, load_tokenizer
-    from minedraft.runtime.reference import generate, make_sequences
-    from minedraft.runtime.runner import ModelRunner
-    from minedraft.runtime.sampling import SamplingParams
-
-    tok = load_tokenizer(DEMO_TARGET)
-    ids = [tok.encode(chat(p), add_special_tokens=False) for p in PROMPTS]
-    model = load_model(DEMO_TARGET)
-    seqs = make_sequences(ids, SamplingParams(), BUDGETS, model.arch.max_position, model.arch.eos_token_ids)
-    return [s.output for s in generate(ModelRunner(model, 8192), seqs)]
+    return target_only(PROMPTS, BUDGETS, model=DEMO_TARGET)
 
 
 def generate_all(port: int, prompts: list[str], budgets: list[int], **kw) -> list[list[int]]:

@@ -26,7 +26,7 @@ import pytest
 
 import netns
 from minedraft.v1 import common_pb2, generate_pb2 as gpb
-from support import DRAFT, FAULT_PROMPTS, PROMPTS, TARGET, chat
+from support import DRAFT, FAULT_PROMPTS, PROMPTS, TARGET, chat, target_only
 
 pytestmark = pytest.mark.netns
 
@@ -70,17 +70,7 @@ def cluster(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference():
     """Target-only greedy decoding of the streams in this process: what every run must return."""
-    from minedraft.runtime.checkpoint import load_model, load_tokenizer
-    from minedraft.runtime.reference import generate, make_sequences
-    from minedraft.runtime.runner import ModelRunner
-    from minedraft.runtime.sampling import SamplingParams
-
-    tok = load_tokenizer(TARGET)
-    ids = [tok.encode(chat(p), add_special_tokens=False) for p in STREAM_PROMPTS]
-    model = load_model(TARGET)
-    seqs = make_sequences(ids, SamplingParams(), N, model.arch.max_position, model.arch.eos_token_ids,
-                          ignore_eos=True)
-    return [s.output for s in generate(ModelRunner(model, 8192), seqs)]
+    return target_only(STREAM_PROMPTS, N, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")

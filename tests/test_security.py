@@ -20,14 +20,10 @@ import torch
 
 from minedraft.launcher import TLSFiles
 from minedraft.rpc import server_credentials
-from minedraft.runtime.checkpoint import load_model
-from minedraft.runtime.reference import generate as reference_generate, make_sequences
-from minedraft.runtime.runner import ModelRunner
-from minedraft.runtime.sampling import SamplingParams
 from minedraft.runtime.transport import TensorExporter, TensorImporter, TransportError, leftover_segments
 from minedraft.v1 import generate_pb2 as gpb, generate_pb2_grpc, model_service_pb2 as mpb, model_service_pb2_grpc
 from services.router.api import BearerTokenAuth
-from support import TARGET, chat, running_cluster
+from support import TARGET, chat, running_cluster, target_only
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
 
@@ -89,14 +85,7 @@ def cluster(pki, tmp_path_factory):
 @pytest.fixture(scope="module")
 def expected():
     """Target-only greedy decoding in this process: what the plaintext cluster returns (test_e2e.py)."""
-    from minedraft.runtime.checkpoint import load_tokenizer
-
-    tok = load_tokenizer(TARGET)
-    ids = [tok.encode(chat(p), add_special_tokens=False) for p in PROMPTS]
-    model = load_model(TARGET)
-    seqs = make_sequences(ids, SamplingParams(), N, model.arch.max_position, model.arch.eos_token_ids,
-                          ignore_eos=True)
-    return [s.output for s in reference_generate(ModelRunner(model, 4096), seqs)]
+    return target_only(PROMPTS, N, ignore_eos=True)
 
 
 def bearer(token: str):
