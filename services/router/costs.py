@@ -135,21 +135,10 @@ class CostModel:
         x = np.array([1.0, k, k * n, k * n, k * sum_ctx + n * k * (k + 1) / 2]) * _SCALE
         return self.draft.predict(x) + self.draft_overhead.value
 
-    def t_verify(self, contexts: np.ndarray, tokens_per_seq: int | np.ndarray) -> float:
-        """One verify call over sequences with these cached lengths, appending `tokens_per_seq` tokens each."""
-        if len(contexts) == 0:
-            return 0.0
-        n = np.broadcast_to(np.asarray(tokens_per_seq, dtype=float), contexts.shape)
-        x = np.array([1.0, 1.0, len(contexts), n.sum(), (n * (contexts + (n + 1) / 2)).sum()]) * _SCALE
-        return self.verify.predict(x) + self.verify_overhead.value
+    def t_verify(self, contexts: np.ndarray, q: int) -> float:
+        """One verify call over sequences with these cached lengths, appending q tokens each."""
+        return self.verify_ms(len(contexts), float(np.sum(contexts)), q)
 
-    def t_draft(self, contexts: np.ndarray, k: int, first_tokens: int = 1) -> float:
-        """One draft call of k drafts for sequences with these cached lengths (each feeding `first_tokens` first)."""
-        if len(contexts) == 0 or k <= 0:
-            return 0.0
-        b = len(contexts)
-        x = _CALL.copy()
-        for d in range(k):
-            n = first_tokens if d == 0 else 1
-            x += np.array([0.0, 1.0, b, b * n, (n * (contexts + d + (n + 1) / 2)).sum()]) * _SCALE
-        return self.draft.predict(x) + self.draft_overhead.value
+    def t_draft(self, contexts: np.ndarray, k: int) -> float:
+        """One draft call of k drafts for sequences with these cached lengths (one token fed first)."""
+        return self.draft_ms(len(contexts), float(np.sum(contexts)), k)
