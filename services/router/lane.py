@@ -317,10 +317,11 @@ class Lane:
 
     @staticmethod
     def _defer_undrafted(S: list[Request], O: list[Request]) -> None:
-        """psd: a request of S without a draft (a rebalance, a lost drafter's or a schedule switch's leftovers) is
-        drafted with O this tick rather than verified alone with zero drafts. Every request's steps are then prefill, then draft k and verify,
-        whatever batch it joined and whoever else runs: a seeded request consumes its random streams the same way in
-        every run, so its sample is reproducible (rejection sampling's outcome depends on where drafts were made)."""
+        """psd: a request of S without a draft, beside ones with (a missed draft-ahead after a schedule switch), is
+        drafted with O this tick rather than verified alone with zero drafts. Every request's steps are then prefill,
+        then draft k and verify, whatever batch it joined and whoever else runs: a seeded request consumes its random
+        streams the same way in every run, so its sample is reproducible (rejection sampling's outcome depends on
+        where drafts were made)."""
         late = [r for r in S if r.phase == DRAFT]
         for r in late:
             S.remove(r)
@@ -360,10 +361,11 @@ class Lane:
         t0 = time.perf_counter()
         self._calls, self._tick_tokens, self._tick_prefilled = [], 0, False
         if sched != "ar":
+            # psd drafts S first only when nothing is stored for it (its first tick: _defer_undrafted left no request
+            # without a draft beside ones with); the others draft every request that has no draft (new, a missed
+            # draft-ahead, the other batch merged in).
             need = [r for r in S if r.phase == DRAFT]
-            # psd drafts S first only when nothing is stored for it (its first tick); the others draft every request
-            # that has no draft (new, a missed draft-ahead, the other batch merged in).
-            if need and (sched != "psd" or not any(r.phase == VERIFY for r in S)):
+            if need:
                 (derr,) = await self._launch(self._draft(t0, need, k))
                 if derr is not None:
                     await self._lost(derr)
@@ -371,14 +373,13 @@ class Lane:
         # New requests prefill with their own batch's verification (single-batch schedules merged O into S): one
         # that joined O waits a tick rather than being prefilled now and then verified alone with zero drafts, so
         # every request runs prefill, then draft k and verify, whatever batch it joined (reproducible seeded samples).
-        verify_set = S
         draft_set = [r for r in O if r.phase == DRAFT] if sched == "psd" else []
         ahead = [r for r in S if r.draft is not None and self._ahead_len(r, k) > 0] if sched == "ahead" else []
         # The drafter caches new prompts while the verifier works, so their first draft step feeds one token instead
         # of the whole prompt: the draft-side prefill hides behind the (much longer) target prefill.
         warm = [r for r in S + O if r.phase == PREFILL and r.seq.draft_cached == 0] \
             if self.drafter_up and self.mode != "ar" else []
-        verr, derr = await self._launch(self._verify(verify_set, t0), self._draft(t0, draft_set, k, warm, ahead))
+        verr, derr = await self._launch(self._verify(S, t0), self._draft(t0, draft_set, k, warm, ahead))
         self._settle_ahead(ahead, verified=verr is None and derr is None)
         for err in (derr, verr):
             if err is not None:
