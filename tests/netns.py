@@ -792,27 +792,6 @@ def stream_all(cluster: NetnsCluster, requests: list, during=None, timeout_s: fl
     return [d[0] for d in done], elapsed, [d[1] for d in done]
 
 
-def wait_kv_free(cluster: NetnsCluster, timeout_s: float = 15.0) -> None:
-    """Every KV block, sequence and exported buffer is free again on both model services."""
-    from minedraft.v1 import model_service_pb2 as mpb, model_service_pb2_grpc
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        infos = {}
-        for role, stub_cls in (("verifier", model_service_pb2_grpc.VerifierStub),
-                               ("drafter", model_service_pb2_grpc.DrafterStub)):
-            ch = cluster.channel(role)
-            try:
-                infos[role] = stub_cls(ch).GetModelInfo(mpb.ModelInfoRequest(), timeout=10)
-            finally:
-                ch.close()
-        if all(i.kv_blocks_in_use == 0 and i.active_sequences == 0 and i.live_buffers == 0 for i in infos.values()):
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"KV not released: {infos}")
-        time.sleep(0.2)
-
-
 def router_info(cluster: NetnsCluster, metadata=None):
     from minedraft.v1 import generate_pb2 as gpb, generate_pb2_grpc
 

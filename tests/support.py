@@ -10,8 +10,6 @@ import contextlib
 import os
 import time
 
-import grpc
-
 from minedraft.config import DEMO_DRAFT, DEMO_TARGET
 from minedraft.demo.data import render_chat as chat  # noqa: F401 - the demo pair's chat format, for every test
 from minedraft.launcher import Cluster
@@ -68,14 +66,20 @@ def running_cluster(log_dir, clean_exit: bool = True, timeout_s: float = 180, **
 
 
 def model_info(cluster: Cluster, role: str) -> mpb.ModelInfo:
-    ch = grpc.insecure_channel(f"127.0.0.1:{cluster.port_of(role)}")
-    stub = (model_service_pb2_grpc.DrafterStub if role.startswith("drafter") else
-            model_service_pb2_grpc.VerifierStub)(ch)
-    return stub.GetModelInfo(mpb.ModelInfoRequest(), timeout=10)
+    """A model service's ModelInfo, asked over the cluster's own channel to it (its TLS, if any). `cluster` is a
+    Cluster or a tests/netns.py NetnsCluster: both have `channel(role)` and `mode`."""
+    ch = cluster.channel(role)
+    try:
+        stub = (model_service_pb2_grpc.DrafterStub if role.startswith("drafter") else
+                model_service_pb2_grpc.VerifierStub)(ch)
+        return stub.GetModelInfo(mpb.ModelInfoRequest(), timeout=10)
+    finally:
+        ch.close()
 
 
 def wait_kv_free(cluster: Cluster, timeout_s: float = 10.0) -> None:
-    """Every KV block, sequence and exported buffer is free again on both model services."""
+    """Every KV block, sequence and exported buffer is free again on both model services (on a Cluster or a
+    NetnsCluster)."""
     roles = ["verifier"] + ([] if cluster.mode == "ar" else ["drafter"])
     deadline = time.monotonic() + timeout_s
     while True:

@@ -24,7 +24,7 @@ import pytest
 
 import netns
 from minedraft.v1 import common_pb2, generate_pb2 as gpb
-from support import BUDGETS, DRAFT, PROMPTS, TARGET, chat
+from support import BUDGETS, DRAFT, PROMPTS, TARGET, chat, wait_kv_free
 
 pytestmark = pytest.mark.netns
 
@@ -93,7 +93,7 @@ def check_greedy(cluster, prompt_ids, expected, metadata=None) -> None:
     for i, toks in enumerate(out):
         assert toks == expected[i], f"prompt {i} differs from target-only decoding"
     assert sum(m.speculation.drafted_tokens for m in last) > 0  # the drafter took part, across hosts
-    netns.wait_kv_free(cluster)
+    wait_kv_free(cluster, timeout_s=15.0)
 
 
 def check_seeded(cluster, kind: str, metadata=None) -> None:
@@ -107,7 +107,7 @@ def check_seeded(cluster, kind: str, metadata=None) -> None:
     _sampled[kind] = together
     if kind != "plain" and "plain" in _sampled:
         assert together == _sampled["plain"], f"seeded requests over {kind} differ from plaintext"
-    netns.wait_kv_free(cluster)
+    wait_kv_free(cluster, timeout_s=15.0)
 
 
 # ---- the harness itself: the fault proxy on tiny sockets (no services) --------------------------------------------

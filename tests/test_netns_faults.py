@@ -26,7 +26,7 @@ import pytest
 
 import netns
 from minedraft.v1 import common_pb2, generate_pb2 as gpb
-from support import DRAFT, FAULT_PROMPTS, PROMPTS, TARGET, chat, target_only
+from support import DRAFT, FAULT_PROMPTS, PROMPTS, TARGET, chat, target_only, wait_kv_free
 
 pytestmark = pytest.mark.netns
 
@@ -79,7 +79,7 @@ def undisturbed(cluster, reference):
     runs = [netns.stream_all(cluster, requests()) for _ in range(2)]
     assert runs[0][0] == runs[1][0] == reference, "undisturbed greedy output differs from target-only decoding"
     sampled = netns.stream_all(cluster, requests(sampled=True))[0]
-    netns.wait_kv_free(cluster)
+    wait_kv_free(cluster, timeout_s=15.0)
     seconds = min(r[1] for r in runs)
     RESULTS["undisturbed"] = dict(seconds=round(seconds, 2), baseline=round(seconds, 2), router="-",
                                   runs=[round(r[1], 2) for r in runs])
@@ -101,7 +101,7 @@ def settle(cluster, timeout_s: float = 60.0) -> None:
             break
         assert time.monotonic() < deadline, f"the cluster did not recover: {info}"
         time.sleep(0.2)
-    netns.wait_kv_free(cluster)
+    wait_kv_free(cluster, timeout_s=15.0)
 
 
 def each_proxy(fn):
