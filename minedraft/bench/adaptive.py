@@ -68,6 +68,29 @@ def choices_of(trace: Path, offset: int) -> dict[str, float]:
     return {c: round(n / total, 3) for c, n in counts.most_common()}
 
 
+def steps_of(trace: Path, offset: int) -> dict:
+    """From the trace written after byte `offset`: acceptance per draft position (of the drafts that reached a
+    position, the share accepted there: a verify accepts a prefix) and the median compute time of decode steps
+    (no prompt prefill in them) per service and batch size, in ms."""
+    reached, accepted, times = Counter(), Counter(), {"draft": {}, "verify": {}}
+    with open(trace, "rb") as f:
+        f.seek(offset)
+        for line in f.read().decode().splitlines():
+            rec = json.loads(line)
+            if rec.get("kind") not in times:
+                continue
+            if not rec.get("prefill"):
+                times[rec["kind"]].setdefault(rec["size"], []).append(rec["compute_ms"])
+            for d, a in zip(rec.get("drafted", ()), rec.get("accepted", ())):
+                for pos in range(min(d, a + 1)):
+                    reached[pos] += 1
+                    accepted[pos] += pos < a
+    return {"accept_per_pos": [round(accepted[p] / reached[p], 3) for p in sorted(reached)],
+            "reached_per_pos": [reached[p] for p in sorted(reached)],
+            "step_ms": {kind: {str(b): round(float(sorted(v)[len(v) // 2]), 1) for b, v in sorted(by.items())}
+                        for kind, by in times.items()}}
+
+
 def run_config(cluster, name: str, mode: str, k: int, batch: int, requests, warmup, concurrency: int,
                out: Path, k_max: int, tau: float, log) -> dict:
     from minedraft.bench import client, metrics
@@ -83,8 +106,10 @@ def run_config(cluster, name: str, mode: str, k: int, batch: int, requests, warm
     results, wall = client.run_workload(cluster.address, requests, concurrency)
     m = metrics.summarize(results, wall)
     m["choices"] = choices_of(trace, offset) if trace.exists() else {}
+    m.update(steps_of(trace, offset) if trace.exists() else {})
     log(f"  {name:10} {m['output_tps']:8.1f} tok/s  E2E {m['e2e_ms']['mean']:8.0f} ms  accept "
-        f"{m['acceptance_rate']:.2f}  {'' if mode != 'auto' else m['choices']}")
+        f"{m['acceptance_rate']:.2f} per position {m.get('accept_per_pos', [])}  "
+        f"{'' if mode != 'auto' else m['choices']}")
     return {"name": name, "mode": mode, "k": k, "batch": batch, **m}
 
 
@@ -194,8 +219,29 @@ def write_summary(results: dict, out: Path) -> None:
         top = ", ".join(f"{c} {v:.0%}" for c, v in list(auto["choices"].items())[:3])
         md.append(f"| {p['rate']:g} | {e2e(auto):.2f} | {e2e(sd):.2f} | {e2e(auto) / e2e(sd):.2f} | {best['name']} | "
                   f"{e2e(best):.2f} | {e2e(auto) / e2e(best):.2f} | {top} |")
+    md += _per_config(results)
     (out / "summary.json").write_text(json.dumps(rows, indent=1))
     (out / "results.md").write_text("\n".join(md) + "\n")
+
+
+def _per_config(results: dict) -> list[str]:
+    """Every run of the batch sweep: throughput, acceptance per draft position, and the median compute time of a
+    decode step per batch size (verify, draft), as the services reported them."""
+    if not results["batch_sweep"]:
+        return []
+    md = ["", "## Every configuration: acceptance per position, step times", "",
+          "Acceptance at position i: of the drafts that reached position i, the share the target accepted there. "
+          "Step times: median compute_ms of decode steps, by batch size (sequences in the step).", "",
+          "| concurrency | config | tok/s | accept per position | verify ms by batch | draft ms by batch |",
+          "|---|---|---|---|---|---|"]
+    for p in results["batch_sweep"]:
+        for r in p["runs"]:
+            steps = r.get("step_ms", {})
+            fmt = lambda by: ", ".join(f"{b}: {ms:g}" for b, ms in by.items()) or "-"  # noqa: E731
+            md.append(f"| {p['concurrency']} | {r['name']} | {r['output_tps']:.2f} | "
+                      f"{' '.join(f'{a:.2f}' for a in r.get('accept_per_pos', [])) or '-'} | "
+                      f"{fmt(steps.get('verify', {}))} | {fmt(steps.get('draft', {}))} |")
+    return md
 
 
 def write_plots(results: dict, out: Path) -> list[str]:

@@ -98,7 +98,7 @@ class Lane:
         self._holders: Counter[str] = Counter()  # drafter buffer -> pending drafts that point at it
         self._outcomes: dict[str, tuple[int, int, int]] = {}  # this tick's (drafted, accepted, last token) per seq
         self._calls: list[tuple[float, float]] = []  # this tick's service calls (start, end)
-        self._tick_tokens, self._tick_prefilled = 0, False  # what this tick emitted; did it prefill a prompt
+        self._tick_prefilled = False  # did this tick prefill a prompt
         self._last_tick_end = 0.0
         self.dead = False  # this lane's verifier is gone and its requests moved to other lanes
         self.verifier_down = False  # waiting for a lost verifier to come back (new requests go elsewhere or fail)
@@ -359,7 +359,7 @@ class Lane:
         if sched == "psd" and any(r.phase == VERIFY for r in S):
             self._defer_undrafted(S, O)
         t0 = time.perf_counter()
-        self._calls, self._tick_tokens, self._tick_prefilled = [], 0, False
+        self._calls, self._tick_prefilled = [], False
         if sched != "ar":
             # psd drafts S first only when nothing is stored for it (its first tick: _defer_undrafted left no request
             # without a draft beside ones with); the others draft every request that has no draft (new, a missed
@@ -386,7 +386,7 @@ class Lane:
                 await self._lost(err)  # raises if the requests cannot go on
         end = time.perf_counter()
         if not self._tick_prefilled:  # a prompt's prefill makes a tick many times longer whatever the schedule
-            self.controller.observe(choice, self._tick_tokens / max(end - t0 + self._gap(t0), 1e-6))
+            self.controller.observe(choice, 1e3 * (end - t0 + self._gap(t0)))
         self._observe_tick(t0, end)
         self.trace.tick(self.ticks, t0, end, len(S), len(O), str(choice), self.controller.predicted,
                         self.controller.explored)
@@ -555,11 +555,10 @@ class Lane:
                 self._outbox.append((r.events, ("tokens", emitted)))
             if r.seq.finished:
                 self._outbox.append((r.events, ("done", r.seq.finish_reason)))
-        self._tick_tokens += emitted_all
         self.acceptance.observe_step(drafted_all, accepted_all)  # once per step: per sequence costs ms at batch 64
         self.metrics.verified_step(drafted_all, accepted_all, emitted_all)
         self.trace.step("verify", self.verifier.address, self.ticks, start_t - t0, end_t - t0, len(reqs),
-                        resp.verify.compute_ms, prefills)
+                        resp.verify.compute_ms, prefills, drafted_all, accepted_all)
 
     # ---- start-up profile -----------------------------------------------------------------------------------------
     async def _profile(self, batch: int = 8, context: int = 64) -> None:

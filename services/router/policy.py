@@ -14,7 +14,13 @@ it oscillate), and now and then explores a neighbour (k +- 1,
 or another schedule at the same k), so that a wrong estimate, such as the acceptance of a position never drafted,
 gets corrected by measurement. What the cost model cannot see (the router's and the client's own CPU on a shared
 machine, a schedule's extra calls) is corrected by measurement too: each schedule's prediction is scaled by the
-ratio of the throughput its ticks actually gave to what was predicted for them (a running mean per schedule).
+ratio of the time its ticks were predicted to take to what they took (a plain mean over its first ticks,
+so a few ticks correct it, then a running mean). Because that ratio is only learnt for a schedule that runs, the
+first decision is followed by probes: each other schedule whose best k is predicted within `probe_within` of the
+best runs a few ticks, so a model that overrates speculation (a compute-bound target whose verify grows with every
+token) cannot keep auto off target-only decoding for good. A change of schedule also waits `dwell` ticks after the
+previous one: under arrival-driven load the batch changes every few ticks, and each switch costs a non-overlapped
+first tick.
 Pure: no servers (tests/test_policy.py).
 """
 
@@ -59,40 +65,51 @@ class LaneView:
         return len(self.contexts)
 
 
-def throughput(choice: Choice, view: LaneView, costs: CostModel, yields: np.ndarray | None = None,
-               hits: np.ndarray | None = None) -> float:
-    """Predicted generated tokens per second of running `choice` on these requests. `yields` [n, k_max + 1] and
-    `hits` [n, k_max] (expected tokens per verification and draft-ahead hit probability per k) may be passed in
-    when many choices are scored at once. Step costs come from sums over the requests (costs.CostModel.*_ms)."""
+def cycle(choice: Choice, view: LaneView, costs: CostModel, yields: np.ndarray | None = None,
+          hits: np.ndarray | None = None) -> tuple[float, float, int]:
+    """(expected tokens, ms, ticks) of one cycle of `choice` on these requests: a tick, or psd's two (one per batch).
+    `yields` [n, k_max + 1] and `hits` [n, k_max] (expected tokens per verification and draft-ahead hit probability
+    per k) may be passed in when many choices are scored at once. Step costs come from sums over the requests
+    (costs.CostModel.*_ms)."""
     n, k = view.n, choice.k
     if n == 0:
-        return 0.0
+        return 0.0, 1.0, 1
     ctx = view.contexts
     total, over = float(ctx.sum()), costs.tick_overhead.value
     if choice.schedule == "ar":
-        return 1e3 * n / (costs.verify_ms(n, total, 1) + over)
+        return float(n), costs.verify_ms(n, total, 1) + over, 1
     tokens = float((yields if yields is not None else expected_tokens(view.alphas, k))[:, k].sum())
     if choice.schedule == "sd" or (choice.schedule == "psd" and n < 2):
-        return 1e3 * tokens / (costs.draft_ms(n, total, k) + costs.verify_ms(n, total, k + 1) + over)
+        return tokens, costs.draft_ms(n, total, k) + costs.verify_ms(n, total, k + 1) + over, 1
     if choice.schedule == "psd":
         na, nb = (n + 1) // 2, n // 2
         ca, cb = total * na / n, total * nb / n
         tick_a = max(costs.draft_ms(nb, cb, k), costs.verify_ms(na, ca, k + 1)) + over
         tick_b = max(costs.draft_ms(na, ca, k), costs.verify_ms(nb, cb, k + 1)) + over
-        return 1e3 * tokens / (tick_a + tick_b)
+        return tokens, tick_a + tick_b, 2
     # ahead: the next k (plus a guess of the target's token) drafted during the verify; misses re-draft first
     hit = hits[:, k - 1] if hits is not None else all_accepted(view.alphas, k)
     misses = max(1, int(round(float((1 - hit).sum()))))
     t_miss = (1.0 - float(np.prod(hit))) * costs.draft_ms(misses, total * misses / n, k)
-    tick = max(costs.verify_ms(n, total, k + 1), costs.draft_ms(n, total + n * k, k + 1)) + t_miss + over
-    return 1e3 * tokens / tick
+    return tokens, max(costs.verify_ms(n, total, k + 1), costs.draft_ms(n, total + n * k, k + 1)) + t_miss + over, 1
+
+
+def throughput(choice: Choice, view: LaneView, costs: CostModel, yields: np.ndarray | None = None,
+               hits: np.ndarray | None = None) -> float:
+    """Predicted generated tokens per second of running `choice` on these requests."""
+    tokens, ms, _ = cycle(choice, view, costs, yields, hits)
+    return 1e3 * tokens / ms
+
+
+def _tables(view: LaneView, k_max: int) -> tuple[np.ndarray, np.ndarray]:
+    """Expected tokens per verification and draft-ahead hit probabilities for every k, computed once."""
+    yields = expected_tokens(view.alphas, k_max)
+    padded = np.concatenate([view.alphas, view.alphas[:, -1:]], axis=1)  # the guess past the last position
+    return yields, np.cumprod(padded, axis=1)[:, 1:k_max + 1]
 
 
 def ranked(view: LaneView, costs: CostModel, candidates: list[Choice]) -> list[tuple[float, Choice]]:
-    k_max = max(c.k for c in candidates)
-    yields = expected_tokens(view.alphas, k_max)
-    padded = np.concatenate([view.alphas, view.alphas[:, -1:]], axis=1)  # the guess past the last position
-    hits = np.cumprod(padded, axis=1)[:, 1:k_max + 1]
+    yields, hits = _tables(view, max(c.k for c in candidates))
     return sorted(((throughput(c, view, costs, yields, hits), c) for c in candidates), key=lambda tc: -tc[0])
 
 
@@ -106,18 +123,24 @@ class Controller:
     costs about a millisecond; a tick can be a few). `explore` is the share of ticks spent trying a neighbour."""
 
     def __init__(self, k_max: int, schedules: tuple[str, ...] = SCHEDULES, fixed: Choice | None = None,
-                 margin: float = 0.05, explore: float = 0.02, explore_ticks: int = 4, every: int = 8, seed: int = 0):
-        self.fixed, self.margin, self.explore, self.every = fixed, margin, explore, every
+                 margin: float = 0.05, explore: float = 0.02, explore_ticks: int = 4, every: int = 8, seed: int = 0,
+                 probe_within: float = 0.6, dwell: int = 8, weight: float = 0.05):
+        self.fixed, self.margin, self.explore, self.every, self.weight = fixed, margin, explore, every, weight
         self.explore_ticks = explore_ticks  # an exploration holds its choice this many ticks: the first is not steady
+        self.probe_within, self.dwell = probe_within, dwell
         self._exploring: Choice | None = None
         self._explore_left = 0
+        self._probes: list[Choice] | None = None  # made at the first decision: other schedules worth measuring once
+        self._since_switch = 0  # ticks since `current` last changed schedule
+        self.seen = {s: 0 for s in SCHEDULES}  # ticks of each schedule that have corrected its prediction
         self._last, self._run = Choice("ar"), 0  # the last choice returned and how many ticks its schedule has run
         self.options = candidates(k_max, schedules)
         self.current: Choice | None = fixed
         self.predicted = 0.0  # tokens/s the current choice is predicted to give
         self.explored = False  # the last choice was an exploration
         self._scores: dict[Choice, float] = {}
-        self.correction = {s: 1.0 for s in SCHEDULES}  # measured / predicted throughput, per schedule
+        self._tick_ms: dict[Choice, float] = {}  # the cost model's time per tick of each choice, at the last score
+        self.correction = {s: 1.0 for s in SCHEDULES}  # predicted / measured tick time, per schedule
         self.switched: tuple | None = None  # (from, to, top scores) when the last re-score changed the choice
         self._scored_n, self._age = -1, 0
         self._rng = random.Random(seed)
@@ -138,21 +161,35 @@ class Controller:
         if self.fixed is not None:
             return self.fixed
         self._age += 1
+        self._since_switch += 1
         n = view.n if isinstance(view, LaneView) else n
         if n != self._scored_n or self._age >= self.every or self.current is None:
             view = view if isinstance(view, LaneView) else view()
-            scores = sorted(((t * self.correction[c.schedule], c) for t, c in ranked(view, costs, self.options)),
-                            key=lambda tc: -tc[0])
+            yields, hits = _tables(view, max(c.k for c in self.options))
+            cycles = {c: cycle(c, view, costs, yields, hits) for c in self.options}
+            self._tick_ms = {c: ms / ticks for c, (_, ms, ticks) in cycles.items()}
+            scores = sorted(((1e3 * tokens / ms * self.correction[c.schedule], c)
+                             for c, (tokens, ms, _) in cycles.items()), key=lambda tc: -tc[0])
             self._scores, self._scored_n, self._age = {c: t for t, c in scores}, n, 0
             best_tps, best = scores[0]
             # Another schedule must beat the current one by twice the margin: its first tick is not steady (a psd
             # tick drafts before it can overlap, an ahead tick has nothing drafted ahead yet).
-            margin = self.margin if self.current is None or best.schedule == self.current.schedule else 2 * self.margin
-            if self.current is None or best_tps > self._scores.get(self.current, 0.0) * (1 + margin):
+            # A change of schedule also waits `dwell` ticks after the last one.
+            other = self.current is not None and best.schedule != self.current.schedule
+            margin = 2 * self.margin if other else self.margin
+            if self.current is None or best_tps > self._scores.get(self.current, 0.0) * (1 + margin) and \
+                    (not other or self._since_switch >= self.dwell):
                 self.switched = (self.current, best, scores[:3])
+                if self.current is None or other:
+                    self._since_switch = 0
                 self.current = best
             self.predicted = self._scores[self.current]
-        if self._exploring is None and self._rng.random() < self.explore / self.explore_ticks:
+            if self._probes is None:
+                self._probes = self._worth_probing(scores)
+        if self._exploring is None and self._probes:
+            # Measure each schedule the model rates close to the best once; re-score when the probe is over.
+            self._exploring, self._explore_left = self._probes.pop(0), self.explore_ticks
+        elif self._exploring is None and self._rng.random() < self.explore / self.explore_ticks:
             same, other = self._neighbours(self.current)
             # Mostly k +- 1 (free to switch to); another schedule a third of the time (its first tick is not steady).
             near = same if same and (not other or self._rng.random() < 2 / 3) else other
@@ -161,20 +198,33 @@ class Controller:
         if self._exploring is not None:
             self._explore_left -= 1
             picked = self._exploring
-            if self._explore_left <= 0:
-                self._exploring = None
+            if self._explore_left <= 0:  # what it measured counts at once: re-score on the next tick
+                self._exploring, self._age = None, self.every
             self.explored = True
             return picked
         return self.current
 
-    def observe(self, choice: Choice, tokens_per_s: float, weight: float = 0.05) -> None:
-        """A tick of `choice` gave this throughput: move its schedule's correction towards measured / predicted.
-        The first tick after a change of schedule is not steady (psd's first tick drafts before it can overlap,
+    def observe(self, choice: Choice, ms: float, ticks: int = 1) -> None:
+        """`ticks` ticks of `choice` took `ms` in all: move its schedule's correction (predicted / measured tick time)
+        towards what they measured, by the mean of its ticks so far until there are 1 / weight of them, then by a
+        running mean. Time, not tokens per second, is what is corrected: how many tokens a tick yields is the
+        acceptance estimates' job, and folding their early errors in here would bias the correction for good. The
+        first tick after a change of schedule is not steady (psd's first tick drafts before it can overlap,
         draft-ahead's has nothing drafted ahead yet), so it does not count."""
-        predicted = self._scores.get(choice, 0.0) / self.correction[choice.schedule]
-        if self.fixed is None and predicted > 0 and tokens_per_s >= 0 and self._run >= 2:
-            ratio = min(2.0, max(0.25, tokens_per_s / predicted))
-            self.correction[choice.schedule] += weight * (ratio - self.correction[choice.schedule])
+        s, predicted = choice.schedule, self._tick_ms.get(choice, 0.0)
+        if self.fixed is None and predicted > 0 and ms > 0 and self._run >= 2:
+            ratio = min(2.0, max(0.25, predicted * ticks / ms))
+            self.seen[s] += 1
+            self.correction[s] += max(self.weight, 1.0 / self.seen[s]) * (ratio - self.correction[s])
+
+    def _worth_probing(self, scores: list[tuple[float, Choice]]) -> list[Choice]:
+        """The best-scored choice of every other schedule predicted within `probe_within` of the best."""
+        top, out = scores[0][0], []
+        for tps, c in scores:
+            if c.schedule != self.current.schedule and tps >= self.probe_within * top and \
+                    all(o.schedule != c.schedule for o in out):
+                out.append(c)
+        return out
 
     def _neighbours(self, c: Choice) -> tuple[list[Choice], list[Choice]]:
         """(the same schedule at k +- 1, the other schedules at this k)."""

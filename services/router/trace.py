@@ -18,10 +18,14 @@ class Trace:
         self._origin = time.perf_counter()
 
     def step(self, kind: str, replica: str, tick: int, start_s: float, end_s: float, size: int, compute_ms: float,
-             prefill: int = 0):
-        """One call; `prefill` counts its sequences that the service starts from position 0 (whole prompt)."""
-        self._emit({"kind": kind, "replica": replica, "tick": tick, "start": start_s, "end": end_s, "size": size,
-                    "compute_ms": round(compute_ms, 3), "prefill": prefill})
+             prefill: int = 0, drafted: list[int] | None = None, accepted: list[int] | None = None):
+        """One call; `prefill` counts its sequences that the service starts from position 0 (whole prompt). A verify
+        also lists, per sequence, the drafts it checked and how many it accepted (acceptance per position)."""
+        record = {"kind": kind, "replica": replica, "tick": tick, "start": start_s, "end": end_s, "size": size,
+                  "compute_ms": round(compute_ms, 3), "prefill": prefill}
+        if drafted is not None and any(drafted):
+            record["drafted"], record["accepted"] = drafted, accepted
+        self._emit(record)
 
     def tick(self, tick: int, t0: float, t1: float, size_s: int, size_o: int, choice: str = "",
              predicted: float = 0.0, explored: bool = False) -> None:
