@@ -263,6 +263,8 @@ def write_plots(results: dict, out: Path) -> list[str]:
         ax.set(xscale="log", xlabel="concurrent requests", ylabel="generated tokens/s",
                title=f"{results['pair']}: auto vs fixed schedules")
         ax.set_xticks(xs, [str(x) for x in xs])
+        ax.minorticks_off()
+        ax.set_title(ax.get_title(), fontsize=10)
         ax.legend(fontsize=7, ncol=2)
         _choice_bars(ax2, [str(x) for x in xs], [next(r for r in p["runs"] if r["mode"] == "auto")["choices"]
                                                    for p in results["batch_sweep"]], "concurrent requests")
