@@ -92,10 +92,12 @@ def steps_of(trace: Path, offset: int) -> dict:
 
 
 def run_config(cluster, name: str, mode: str, k: int, batch: int, requests, warmup, concurrency: int,
-               out: Path, k_max: int, tau: float, log) -> dict:
+               out: Path, k_max: int, tau: float, log, tag: str = "") -> dict:
+    """One configuration at one point: `concurrency` requests in flight (0: as they arrive); its trace is named by
+    the configuration and `tag` (the point)."""
     from minedraft.bench import client, metrics
 
-    trace = out / "traces" / f"{name.replace('/', '-')}-c{concurrency}.jsonl"
+    trace = out / "traces" / f"{name.replace('/', '-')}-{tag or f'c{concurrency}'}.jsonl"
     trace.parent.mkdir(parents=True, exist_ok=True)
     trace.unlink(missing_ok=True)
     cluster.replace_router(mode, ["--num-speculative-tokens", str(k), "--max-speculative-tokens", str(k_max),
@@ -166,7 +168,7 @@ def run(args) -> int:
             for name, mode, k in cfgs:
                 batch = args.rate_batch if mode in ("ar", "sd", "ahead") else max(1, args.rate_batch // 2)
                 point["runs"].append(run_config(cluster, name, mode, k, batch, reqs, warm, 0, out, max(ks),
-                                                args.draft_confidence, log))
+                                                args.draft_confidence, log, tag=f"r{rate:g}"))
             results["rate_sweep"].append(point)
             save()
     finally:
