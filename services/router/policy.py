@@ -14,11 +14,12 @@ it oscillate), and now and then explores a neighbour (k +- 1,
 or another schedule at the same k), so that a wrong estimate, such as the acceptance of a position never drafted,
 gets corrected by measurement. What the cost model cannot see (the router's and the client's own CPU on a shared
 machine, a schedule's extra calls) is corrected by measurement too: each schedule's prediction is scaled by the
-ratio of the time its ticks were predicted to take to what they took (a plain mean over its first ticks,
-so a few ticks correct it, then a running mean). Because that ratio is only learnt for a schedule that runs, the
-first decision is followed by probes: each other schedule whose best k is predicted within `probe_within` of the
-best runs a few ticks, so a model that overrates speculation (a compute-bound target whose verify grows with every
-token) cannot keep auto off target-only decoding for good. A change of schedule also waits `dwell` ticks after the
+ratio of the time its ticks were predicted to take to what they took (the median over its first 20 ticks,
+so a few ticks correct it and one slow tick does not, then a running mean). Because that ratio is only learnt for
+a schedule that runs, the lane probes: after its first `every` ticks, each other schedule whose best k is predicted
+within `probe_within` of the best runs a few ticks, and every `reprobe` ticks one still measured on few ticks runs
+again. So a model that overrates speculation (a compute-bound target whose verify grows with every token) cannot
+keep auto off target-only decoding for good, and one unlucky probe cannot rule a schedule out. A change of schedule also waits `dwell` ticks after the
 previous one: under arrival-driven load the batch changes every few ticks, and each switch costs a non-overlapped
 first tick.
 Pure: no servers (tests/test_policy.py).
@@ -124,15 +125,18 @@ class Controller:
 
     def __init__(self, k_max: int, schedules: tuple[str, ...] = SCHEDULES, fixed: Choice | None = None,
                  margin: float = 0.05, explore: float = 0.02, explore_ticks: int = 4, every: int = 8, seed: int = 0,
-                 probe_within: float = 0.6, dwell: int = 8, weight: float = 0.05):
+                 probe_within: float = 0.6, probe_ticks: int = 6, reprobe: int = 64, dwell: int = 8,
+                 weight: float = 0.05):
         self.fixed, self.margin, self.explore, self.every, self.weight = fixed, margin, explore, every, weight
         self.explore_ticks = explore_ticks  # an exploration holds its choice this many ticks: the first is not steady
-        self.probe_within, self.dwell = probe_within, dwell
+        self.probe_within, self.probe_ticks, self.reprobe, self.dwell = probe_within, probe_ticks, reprobe, dwell
         self._exploring: Choice | None = None
         self._explore_left = 0
-        self._probes: list[Choice] | None = None  # made at the first decision: other schedules worth measuring once
+        self._probes: list[Choice] = []  # other schedules to measure next, a few ticks each
+        self._lived, self._next_probe = 0, every  # ticks so far; when the next round of probes is due
         self._since_switch = 0  # ticks since `current` last changed schedule
         self.seen = {s: 0 for s in SCHEDULES}  # ticks of each schedule that have corrected its prediction
+        self._ratios: dict[str, list[float]] = {s: [] for s in SCHEDULES}  # its first 1 / weight of them
         self._last, self._run = Choice("ar"), 0  # the last choice returned and how many ticks its schedule has run
         self.options = candidates(k_max, schedules)
         self.current: Choice | None = fixed
@@ -162,6 +166,7 @@ class Controller:
             return self.fixed
         self._age += 1
         self._since_switch += 1
+        self._lived += 1
         n = view.n if isinstance(view, LaneView) else n
         if n != self._scored_n or self._age >= self.every or self.current is None:
             view = view if isinstance(view, LaneView) else view()
@@ -184,11 +189,15 @@ class Controller:
                     self._since_switch = 0
                 self.current = best
             self.predicted = self._scores[self.current]
-            if self._probes is None:
-                self._probes = self._worth_probing(scores)
+            if self._lived >= self._next_probe and self._exploring is None:
+                # The first round (after `every` ticks: the first ticks of a lane are prefills and arrivals)
+                # measures every schedule worth it; later rounds, one schedule still measured on few ticks.
+                first = self._next_probe == self.every
+                self._probes = self._worth_probing(scores)[:None if first else 1]
+                self._next_probe = self._lived + self.reprobe
         if self._exploring is None and self._probes:
-            # Measure each schedule the model rates close to the best once; re-score when the probe is over.
-            self._exploring, self._explore_left = self._probes.pop(0), self.explore_ticks
+            # Measure a schedule the model rates close to the best; re-score when the probe is over.
+            self._exploring, self._explore_left = self._probes.pop(0), self.probe_ticks
         elif self._exploring is None and self._rng.random() < self.explore / self.explore_ticks:
             same, other = self._neighbours(self.current)
             # Mostly k +- 1 (free to switch to); another schedule a third of the time (its first tick is not steady).
@@ -215,14 +224,20 @@ class Controller:
         if self.fixed is None and predicted > 0 and ms > 0 and self._run >= 2:
             ratio = min(2.0, max(0.25, predicted * ticks / ms))
             self.seen[s] += 1
-            self.correction[s] += max(self.weight, 1.0 / self.seen[s]) * (ratio - self.correction[s])
+            first = self._ratios[s]
+            if len(first) < 1.0 / self.weight:  # the median of the first few: one slow tick must not rule it out
+                first.append(ratio)
+                self.correction[s] = float(np.median(first))
+            else:
+                self.correction[s] += self.weight * (ratio - self.correction[s])
 
     def _worth_probing(self, scores: list[tuple[float, Choice]]) -> list[Choice]:
-        """The best-scored choice of every other schedule predicted within `probe_within` of the best."""
+        """The best-scored choice of every other schedule predicted within `probe_within` of the best, among those
+        measured on fewer than 1 / weight ticks so far."""
         top, out = scores[0][0], []
         for tps, c in scores:
             if c.schedule != self.current.schedule and tps >= self.probe_within * top and \
-                    all(o.schedule != c.schedule for o in out):
+                    self.seen[c.schedule] < 1.0 / self.weight and all(o.schedule != c.schedule for o in out):
                 out.append(c)
         return out
 
