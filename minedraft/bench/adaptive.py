@@ -55,28 +55,19 @@ def prompts(tokenizer, source: str, n: int, max_tokens: int, seed: int = 0) -> l
     return out
 
 
-def choices_of(trace: Path, offset: int) -> dict[str, float]:
-    """Share of ticks per choice in the trace written after byte `offset`."""
-    counts: Counter = Counter()
+def read_trace(trace: Path, offset: int) -> dict:
+    """What the trace written after byte `offset` says of one run, read once:
+      choices          share of ticks per choice (what auto ran);
+      accept_per_pos   acceptance per draft position: of the drafts that reached a position, the share accepted
+                       there (a verify accepts a prefix), with `reached_per_pos` the counts;
+      step_ms          median compute time of decode steps (no prompt prefill in them) per service and batch size."""
+    choices, reached, accepted, times = Counter(), Counter(), Counter(), {"draft": {}, "verify": {}}
     with open(trace, "rb") as f:
         f.seek(offset)
         for line in f.read().decode().splitlines():
             rec = json.loads(line)
             if rec.get("kind") == "tick" and rec.get("choice"):
-                counts[rec["choice"]] += 1
-    total = sum(counts.values()) or 1
-    return {c: round(n / total, 3) for c, n in counts.most_common()}
-
-
-def steps_of(trace: Path, offset: int) -> dict:
-    """From the trace written after byte `offset`: acceptance per draft position (of the drafts that reached a
-    position, the share accepted there: a verify accepts a prefix) and the median compute time of decode steps
-    (no prompt prefill in them) per service and batch size, in ms."""
-    reached, accepted, times = Counter(), Counter(), {"draft": {}, "verify": {}}
-    with open(trace, "rb") as f:
-        f.seek(offset)
-        for line in f.read().decode().splitlines():
-            rec = json.loads(line)
+                choices[rec["choice"]] += 1
             if rec.get("kind") not in times:
                 continue
             if not rec.get("prefill"):
@@ -85,7 +76,9 @@ def steps_of(trace: Path, offset: int) -> dict:
                 for pos in range(min(d, a + 1)):
                     reached[pos] += 1
                     accepted[pos] += pos < a
-    return {"accept_per_pos": [round(accepted[p] / reached[p], 3) for p in sorted(reached)],
+    ticks = sum(choices.values()) or 1
+    return {"choices": {c: round(n / ticks, 3) for c, n in choices.most_common()},
+            "accept_per_pos": [round(accepted[p] / reached[p], 3) for p in sorted(reached)],
             "reached_per_pos": [reached[p] for p in sorted(reached)],
             "step_ms": {kind: {str(b): round(float(sorted(v)[len(v) // 2]), 1) for b, v in sorted(by.items())}
                         for kind, by in times.items()}}
@@ -107,8 +100,7 @@ def run_config(cluster, name: str, mode: str, k: int, batch: int, requests, warm
     offset = trace.stat().st_size if trace.exists() else 0
     results, wall = client.run_workload(cluster.address, requests, concurrency)
     m = metrics.summarize(results, wall)
-    m["choices"] = choices_of(trace, offset) if trace.exists() else {}
-    m.update(steps_of(trace, offset) if trace.exists() else {})
+    m.update(read_trace(trace, offset) if trace.exists() else {"choices": {}})
     log(f"  {name:10} {m['output_tps']:8.1f} tok/s  E2E {m['e2e_ms']['mean']:8.0f} ms  accept "
         f"{m['acceptance_rate']:.2f} per position {m.get('accept_per_pos', [])}  "
         f"{'' if mode != 'auto' else m['choices']}")
@@ -236,10 +228,12 @@ def _per_config(results: dict) -> list[str]:
           "Step times: median compute_ms of decode steps, by batch size (sequences in the step).", "",
           "| concurrency | config | tok/s | accept per position | verify ms by batch | draft ms by batch |",
           "|---|---|---|---|---|---|"]
+    def fmt(by: dict) -> str:
+        return ", ".join(f"{b}: {ms:g}" for b, ms in by.items()) or "-"
+
     for p in results["batch_sweep"]:
         for r in p["runs"]:
             steps = r.get("step_ms", {})
-            fmt = lambda by: ", ".join(f"{b}: {ms:g}" for b, ms in by.items()) or "-"  # noqa: E731
             md.append(f"| {p['concurrency']} | {r['name']} | {r['output_tps']:.2f} | "
                       f"{' '.join(f'{a:.2f}' for a in r.get('accept_per_pos', [])) or '-'} | "
                       f"{fmt(steps.get('verify', {}))} | {fmt(steps.get('draft', {}))} |")

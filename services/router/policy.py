@@ -19,9 +19,9 @@ so a few ticks correct it and one slow tick does not, then a running mean). Beca
 a schedule that runs, the lane probes: after its first `every` ticks, each other schedule whose best k is predicted
 within `probe_within` of the best runs a few ticks, and every `reprobe` ticks one still measured on few ticks runs
 again. So a model that overrates speculation (a compute-bound target whose verify grows with every token) cannot
-keep auto off target-only decoding for good, and one unlucky probe cannot rule a schedule out. A change of schedule also waits `dwell` ticks after the
-previous one: under arrival-driven load the batch changes every few ticks, and each switch costs a non-overlapped
-first tick.
+keep auto off target-only decoding for good, and one unlucky probe cannot rule a schedule out. A change of schedule
+also waits `dwell` ticks after the previous one: under arrival-driven load the batch changes every few ticks, and
+each switch costs a non-overlapped first tick.
 Pure: no servers (tests/test_policy.py).
 """
 
@@ -102,16 +102,19 @@ def throughput(choice: Choice, view: LaneView, costs: CostModel, yields: np.ndar
     return 1e3 * tokens / ms
 
 
-def _tables(view: LaneView, k_max: int) -> tuple[np.ndarray, np.ndarray]:
-    """Expected tokens per verification and draft-ahead hit probabilities for every k, computed once."""
+def cycles(view: LaneView, costs: CostModel, candidates: list[Choice]) -> dict[Choice, tuple[float, float, int]]:
+    """`cycle` of every candidate. The expected tokens per verification and the draft-ahead hit probabilities are
+    computed once for every k."""
+    k_max = max(c.k for c in candidates)
     yields = expected_tokens(view.alphas, k_max)
     padded = np.concatenate([view.alphas, view.alphas[:, -1:]], axis=1)  # the guess past the last position
-    return yields, np.cumprod(padded, axis=1)[:, 1:k_max + 1]
+    hits = np.cumprod(padded, axis=1)[:, 1:k_max + 1]
+    return {c: cycle(c, view, costs, yields, hits) for c in candidates}
 
 
 def ranked(view: LaneView, costs: CostModel, candidates: list[Choice]) -> list[tuple[float, Choice]]:
-    yields, hits = _tables(view, max(c.k for c in candidates))
-    return sorted(((throughput(c, view, costs, yields, hits), c) for c in candidates), key=lambda tc: -tc[0])
+    return sorted(((1e3 * tokens / ms, c) for c, (tokens, ms, _) in cycles(view, costs, candidates).items()),
+                  key=lambda tc: -tc[0])
 
 
 def candidates(k_max: int, schedules: tuple[str, ...] = SCHEDULES) -> list[Choice]:
@@ -135,8 +138,9 @@ class Controller:
         self._probes: list[Choice] = []  # other schedules to measure next, a few ticks each
         self._lived, self._next_probe = 0, every  # ticks so far; when the next round of probes is due
         self._since_switch = 0  # ticks since `current` last changed schedule
-        self.seen = {s: 0 for s in SCHEDULES}  # ticks of each schedule that have corrected its prediction
-        self._ratios: dict[str, list[float]] = {s: [] for s in SCHEDULES}  # its first 1 / weight of them
+        # Each schedule's first 1 / weight measured ratios (predicted / measured tick time): their median is its
+        # correction until there are that many, and how many there are says how well it has been measured.
+        self._ratios: dict[str, list[float]] = {s: [] for s in SCHEDULES}
         self._last, self._run = Choice("ar"), 0  # the last choice returned and how many ticks its schedule has run
         self.options = candidates(k_max, schedules)
         self.current: Choice | None = fixed
@@ -170,11 +174,10 @@ class Controller:
         n = view.n if isinstance(view, LaneView) else n
         if n != self._scored_n or self._age >= self.every or self.current is None:
             view = view if isinstance(view, LaneView) else view()
-            yields, hits = _tables(view, max(c.k for c in self.options))
-            cycles = {c: cycle(c, view, costs, yields, hits) for c in self.options}
-            self._tick_ms = {c: ms / ticks for c, (_, ms, ticks) in cycles.items()}
+            predicted = cycles(view, costs, self.options)
+            self._tick_ms = {c: ms / ticks for c, (_, ms, ticks) in predicted.items()}
             scores = sorted(((1e3 * tokens / ms * self.correction[c.schedule], c)
-                             for c, (tokens, ms, _) in cycles.items()), key=lambda tc: -tc[0])
+                             for c, (tokens, ms, _) in predicted.items()), key=lambda tc: -tc[0])
             self._scores, self._scored_n, self._age = {c: t for t, c in scores}, n, 0
             best_tps, best = scores[0]
             # Another schedule must beat the current one by twice the margin: its first tick is not steady (a psd
@@ -215,17 +218,16 @@ class Controller:
 
     def observe(self, choice: Choice, ms: float, ticks: int = 1) -> None:
         """`ticks` ticks of `choice` took `ms` in all: move its schedule's correction (predicted / measured tick time)
-        towards what they measured, by the mean of its ticks so far until there are 1 / weight of them, then by a
-        running mean. Time, not tokens per second, is what is corrected: how many tokens a tick yields is the
+        towards what they measured: the median of its ratios so far until there are 1 / weight of them (one slow
+        tick must not rule a schedule out), then a running mean. Time, not tokens per second, is what is corrected: how many tokens a tick yields is the
         acceptance estimates' job, and folding their early errors in here would bias the correction for good. The
         first tick after a change of schedule is not steady (psd's first tick drafts before it can overlap,
         draft-ahead's has nothing drafted ahead yet), so it does not count."""
         s, predicted = choice.schedule, self._tick_ms.get(choice, 0.0)
         if self.fixed is None and predicted > 0 and ms > 0 and self._run >= 2:
             ratio = min(2.0, max(0.25, predicted * ticks / ms))
-            self.seen[s] += 1
             first = self._ratios[s]
-            if len(first) < 1.0 / self.weight:  # the median of the first few: one slow tick must not rule it out
+            if len(first) < 1.0 / self.weight:
                 first.append(ratio)
                 self.correction[s] = float(np.median(first))
             else:
@@ -237,7 +239,7 @@ class Controller:
         top, out = scores[0][0], []
         for tps, c in scores:
             if c.schedule != self.current.schedule and tps >= self.probe_within * top and \
-                    self.seen[c.schedule] < 1.0 / self.weight and all(o.schedule != c.schedule for o in out):
+                    len(self._ratios[c.schedule]) < 1.0 / self.weight and all(o.schedule != c.schedule for o in out):
                 out.append(c)
         return out
 
