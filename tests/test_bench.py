@@ -260,3 +260,28 @@ def test_bench_command_smoke(tmp_path):
     assert res["comparison"]["ideal_bound"] > 1 and res["comparison"]["psd_over_sd"] > 0
     assert (out / "results.md").read_text().startswith("# minedraft bench results")
     assert (out / "timeline.png").stat().st_size > 0 and (out / "throughput_vs_batch.png").stat().st_size > 0
+
+
+def test_confirm_reruns_auto_and_the_two_best_and_scores_their_median():
+    from minedraft.bench.adaptive import confirm
+
+    def run(name, tps, mode="sd"):
+        return {"name": name, "mode": mode, "k": 1, "output_tps": tps, "e2e_ms": {"mean": 1e3 / tps}}
+
+    runs = [run("ar", 10.0, "ar"), run("sd/k=1", 30.0), run("sd/k=2", 20.0), run("sd/k=4", 5.0),
+            run("auto", 25.0, "auto")]
+    later = {"auto": [26.0, 40.0], "sd/k=1": [18.0, 19.0], "sd/k=2": [21.0, 22.0], "sd/k=4": [6.0, 7.0]}
+    calls = []
+
+    def again(name, mode, k, tag):
+        calls.append((name, tag))
+        return run(name, later[name][len([c for c in calls if c[0] == name]) - 1], mode)
+
+    confirm(runs, 2, lambda r: -r["output_tps"], ["sd/k=4"], again, "c4", lambda msg: None)
+    # interleaved: each repeat runs every chosen configuration once
+    assert calls == [("auto", "c4-rep2"), ("sd/k=1", "c4-rep2"), ("sd/k=2", "c4-rep2"), ("sd/k=4", "c4-rep2"),
+                     ("auto", "c4-rep3"), ("sd/k=1", "c4-rep3"), ("sd/k=2", "c4-rep3"), ("sd/k=4", "c4-rep3")]
+    by = {r["name"]: r for r in runs}
+    assert by["sd/k=1"]["output_tps"] == 19.0 and by["auto"]["output_tps"] == 26.0  # medians: one lucky run is out
+    assert [m["output_tps"] for m in by["sd/k=1"]["repeats"]] == [30.0, 18.0, 19.0]
+    assert by["ar"]["output_tps"] == 10.0 and "repeats" not in by["ar"]

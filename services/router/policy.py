@@ -13,12 +13,16 @@ For each, `throughput` predicts tokens per second from the cost model (costs.py)
 it oscillate), and now and then explores a neighbour (k +- 1,
 or another schedule at the same k), so that a wrong estimate, such as the acceptance of a position never drafted,
 gets corrected by measurement. What the cost model cannot see (the router's and the client's own CPU on a shared
-machine, a schedule's extra calls) is corrected by measurement too: each schedule's prediction is scaled by the
+machine, a schedule's extra calls) is corrected by measurement too: each choice's prediction is scaled by the
 ratio of the time its ticks were predicted to take to what they took (the median over its first 20 ticks,
-so a few ticks correct it and one slow tick does not, then a running mean). Because that ratio is only learnt for
-a schedule that runs, the lane probes: after its first `every` ticks, each other schedule whose best k is predicted
-within `probe_within` of the best runs a few ticks, and every `reprobe` ticks one still measured on few ticks runs
-again. So a model that overrates speculation (a compute-bound target whose verify grows with every token) cannot
+so a few ticks correct it and one slow tick does not, then a running mean). The ratio is kept per choice, because
+how a tick grows with k is what the cost model gets most wrong when both services compute at once on shared cores
+(the demo pair at 8 concurrent on 2 cores: psd/k=6 was predicted best, psd/k=4 measured 1.24x faster); a choice not
+yet measured borrows the ratio of its schedule's nearest measured k, else its schedule's. Because a ratio is only
+learnt for a choice that runs, the lane probes: after its first `every` ticks, each other schedule whose best k is
+predicted within `probe_within` of the best runs a few ticks, and every `reprobe` ticks one still measured on few
+ticks runs again; and once the current choice is measured, its k - 1 and k + 1 are measured too (a hill climb on
+measured ticks, each neighbour once). So a model that overrates speculation (a compute-bound target whose verify grows with every token) cannot
 keep auto off target-only decoding for good, and one unlucky probe cannot rule a schedule out. A change of schedule
 also waits `dwell` ticks after the previous one: under arrival-driven load the batch changes every few ticks, and
 each switch costs a non-overlapped first tick.
@@ -28,7 +32,7 @@ Pure: no servers (tests/test_policy.py).
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -121,6 +125,27 @@ def candidates(k_max: int, schedules: tuple[str, ...] = SCHEDULES) -> list[Choic
     return [Choice(s, 0 if s == "ar" else k) for s in schedules for k in ([0] if s == "ar" else range(1, k_max + 1))]
 
 
+@dataclass
+class Measured:
+    """A correction learnt from measured ticks: the median of the first `1 / weight` ratios (one slow tick must not
+    rule a choice out), then a running mean with that weight (the machine drifts)."""
+
+    weight: float = 0.05
+    value: float = 1.0
+    ratios: list[float] = field(default_factory=list)  # the first 1 / weight ratios; how many says how well measured
+
+    @property
+    def samples(self) -> int:
+        return len(self.ratios)
+
+    def update(self, ratio: float) -> None:
+        if len(self.ratios) < 1.0 / self.weight:
+            self.ratios.append(ratio)
+            self.value = float(np.median(self.ratios))
+        else:
+            self.value += self.weight * (ratio - self.value)
+
+
 class Controller:
     """Per-lane chooser. `fixed` pins one choice (the fixed modes); otherwise it decides as the module says,
     re-scoring every choice when the batch changes size and every `every` ticks otherwise (a score of every choice
@@ -129,18 +154,20 @@ class Controller:
     def __init__(self, k_max: int, schedules: tuple[str, ...] = SCHEDULES, fixed: Choice | None = None,
                  margin: float = 0.05, explore: float = 0.02, explore_ticks: int = 4, every: int = 8, seed: int = 0,
                  probe_within: float = 0.6, probe_ticks: int = 6, reprobe: int = 64, dwell: int = 8,
-                 weight: float = 0.05):
+                 weight: float = 0.05, min_own: int = 3):
         self.fixed, self.margin, self.explore, self.every, self.weight = fixed, margin, explore, every, weight
         self.explore_ticks = explore_ticks  # an exploration holds its choice this many ticks: the first is not steady
         self.probe_within, self.probe_ticks, self.reprobe, self.dwell = probe_within, probe_ticks, reprobe, dwell
         self._exploring: Choice | None = None
         self._explore_left = 0
-        self._probes: list[Choice] = []  # other schedules to measure next, a few ticks each
+        self._probes: list[Choice] = []  # choices to measure next, a few ticks each
         self._lived, self._next_probe = 0, every  # ticks so far; when the next round of probes is due
         self._since_switch = 0  # ticks since `current` last changed schedule
-        # Each schedule's first 1 / weight measured ratios (predicted / measured tick time): their median is its
-        # correction until there are that many, and how many there are says how well it has been measured.
-        self._ratios: dict[str, list[float]] = {s: [] for s in SCHEDULES}
+        # Predicted / measured tick time, per schedule (for choices of a schedule none of whose k is measured yet)
+        # and per choice (once it has `min_own` ratios of its own).
+        self._schedule = {s: Measured(weight) for s in SCHEDULES}
+        self._choice: dict[Choice, Measured] = {}
+        self.min_own = min_own
         self._last, self._run = Choice("ar"), 0  # the last choice returned and how many ticks its schedule has run
         self.options = candidates(k_max, schedules)
         self.current: Choice | None = fixed
@@ -148,7 +175,6 @@ class Controller:
         self.explored = False  # the last choice was an exploration
         self._scores: dict[Choice, float] = {}
         self._tick_ms: dict[Choice, float] = {}  # the cost model's time per tick of each choice, at the last score
-        self.correction = {s: 1.0 for s in SCHEDULES}  # predicted / measured tick time, per schedule
         self.switched: tuple | None = None  # (from, to, top scores) when the last re-score changed the choice
         self._scored_n, self._age = -1, 0
         self._rng = random.Random(seed)
@@ -176,7 +202,7 @@ class Controller:
             view = view if isinstance(view, LaneView) else view()
             predicted = cycles(view, costs, self.options)
             self._tick_ms = {c: ms / ticks for c, (_, ms, ticks) in predicted.items()}
-            scores = sorted(((1e3 * tokens / ms * self.correction[c.schedule], c)
+            scores = sorted(((1e3 * tokens / ms * self.correction_of(c), c)
                              for c, (tokens, ms, _) in predicted.items()), key=lambda tc: -tc[0])
             self._scores, self._scored_n, self._age = {c: t for t, c in scores}, n, 0
             best_tps, best = scores[0]
@@ -198,9 +224,14 @@ class Controller:
                 first = self._next_probe == self.every
                 self._probes = self._worth_probing(scores)[:None if first else 1]
                 self._next_probe = self._lived + self.reprobe
+            if self._exploring is None and not self._probes and self._lived >= self.every:
+                self._probes = self._unmeasured_neighbours(scores)
         if self._exploring is None and self._probes:
-            # Measure a schedule the model rates close to the best; re-score when the probe is over.
-            self._exploring, self._explore_left = self._probes.pop(0), self.probe_ticks
+            # Measure a choice the model rates close to the best; re-score when the probe is over. Another schedule
+            # runs `probe_ticks` (its first tick is not steady), a neighbouring k `explore_ticks`.
+            self._exploring = self._probes.pop(0)
+            same = self._exploring.schedule == self.current.schedule
+            self._explore_left = self.explore_ticks if same else self.probe_ticks
         elif self._exploring is None and self._rng.random() < self.explore / self.explore_ticks:
             same, other = self._neighbours(self.current)
             # Mostly k +- 1 (free to switch to); another schedule a third of the time (its first tick is not steady).
@@ -216,22 +247,47 @@ class Controller:
             return picked
         return self.current
 
+    @property
+    def correction(self) -> dict[str, float]:
+        """Predicted / measured tick time per schedule, over all its ticks (what the lane's log shows)."""
+        return {s: m.value for s, m in self._schedule.items()}
+
+    def correction_of(self, c: Choice) -> float:
+        """Predicted / measured tick time of `c`: its own once it has `min_own` ratios; else that of its schedule's
+        nearest measured k (the mean of the two at equal distance); else its schedule's."""
+        own = self._choice.get(c)
+        if own is not None and own.samples >= self.min_own:
+            return own.value
+        near = [(abs(o.k - c.k), m.value) for o, m in self._choice.items()
+                if o.schedule == c.schedule and m.samples >= self.min_own]
+        if not near:
+            return self._schedule[c.schedule].value
+        d = min(dist for dist, _ in near)
+        return float(np.mean([v for dist, v in near if dist == d]))
+
     def observe(self, choice: Choice, ms: float, ticks: int = 1) -> None:
-        """`ticks` ticks of `choice` took `ms` in all: move its schedule's correction (predicted / measured tick time)
-        towards what they measured: the median of its ratios so far until there are 1 / weight of them (one slow
-        tick must not rule a schedule out), then a running mean. Time, not tokens per second, is what is corrected: how many tokens a tick yields is the
-        acceptance estimates' job, and folding their early errors in here would bias the correction for good. The
-        first tick after a change of schedule is not steady (psd's first tick drafts before it can overlap,
-        draft-ahead's has nothing drafted ahead yet), so it does not count."""
-        s, predicted = choice.schedule, self._tick_ms.get(choice, 0.0)
+        """`ticks` ticks of `choice` took `ms` in all: move its corrections (predicted / measured tick time, its own
+        and its schedule's) towards what they measured (`Measured`). Time, not tokens per second, is what is
+        corrected: how many tokens a tick yields is the acceptance estimates' job, and folding their early errors in
+        here would bias the correction for good. The first tick after a change of schedule is not steady (psd's
+        first tick drafts before it can overlap, draft-ahead's has nothing drafted ahead yet), so it does not count;
+        a change of k alone keeps the tick steady."""
+        predicted = self._tick_ms.get(choice, 0.0)
         if self.fixed is None and predicted > 0 and ms > 0 and self._run >= 2:
             ratio = min(2.0, max(0.25, predicted * ticks / ms))
-            first = self._ratios[s]
-            if len(first) < 1.0 / self.weight:
-                first.append(ratio)
-                self.correction[s] = float(np.median(first))
-            else:
-                self.correction[s] += self.weight * (ratio - self.correction[s])
+            self._schedule[choice.schedule].update(ratio)
+            self._choice.setdefault(choice, Measured(self.weight)).update(ratio)
+
+    def _unmeasured_neighbours(self, scores: list[tuple[float, Choice]]) -> list[Choice]:
+        """Once the current choice is measured (`min_own` ticks): its k - 1 and k + 1 not yet measured, where
+        predicted within `probe_within` of the best. Each is measured once, so this climbs to the best measured k
+        and stops."""
+        cur = self._choice.get(self.current)
+        if self.current.schedule == "ar" or cur is None or cur.samples < self.min_own:
+            return []
+        top, by = scores[0][0], {c: t for t, c in scores}
+        return [c for c in self._neighbours(self.current)[0] if by.get(c, 0.0) >= self.probe_within * top and
+                self._choice.get(c, Measured()).samples < self.min_own]
 
     def _worth_probing(self, scores: list[tuple[float, Choice]]) -> list[Choice]:
         """The best-scored choice of every other schedule predicted within `probe_within` of the best, among those
@@ -239,7 +295,8 @@ class Controller:
         top, out = scores[0][0], []
         for tps, c in scores:
             if c.schedule != self.current.schedule and tps >= self.probe_within * top and \
-                    len(self._ratios[c.schedule]) < 1.0 / self.weight and all(o.schedule != c.schedule for o in out):
+                    self._schedule[c.schedule].samples < 1.0 / self.weight and \
+                    all(o.schedule != c.schedule for o in out):
                 out.append(c)
         return out
 

@@ -16,6 +16,7 @@ class Trace:
         self._file = open(path, "a", buffering=1) if path else None
         self.records: list[dict] | None = [] if keep else None  # in memory, for tests
         self._origin = time.perf_counter()
+        self._cpu = time.process_time()
 
     def step(self, kind: str, replica: str, tick: int, start_s: float, end_s: float, size: int, compute_ms: float,
              prefill: int = 0, drafted: list[int] | None = None, accepted: list[int] | None = None):
@@ -29,10 +30,13 @@ class Trace:
 
     def tick(self, tick: int, t0: float, t1: float, size_s: int, size_o: int, choice: str = "",
              predicted: float = 0.0, explored: bool = False) -> None:
-        """One tick; `choice` is the schedule it ran (e.g. psd/k=4), `predicted` the controller's tokens/s for it."""
+        """One tick; `choice` is the schedule it ran (e.g. psd/k=4), `predicted` the controller's tokens/s for it.
+        `router_cpu_ms` is the CPU the router process spent (all its threads and lanes) since the previous tick: on a
+        host whose cores the model services share, it is time taken from them."""
+        cpu, self._cpu = self._cpu, time.process_time()
         self._emit({"kind": "tick", "tick": tick, "t": t0 - self._origin, "dur": t1 - t0, "verify_batch": size_s,
                     "draft_batch": size_o, "choice": choice, "predicted_tok_s": round(predicted, 1),
-                    "explored": explored})
+                    "explored": explored, "router_cpu_ms": round(1e3 * (self._cpu - cpu), 2)})
 
     def _emit(self, record: dict) -> None:
         if self.records is not None:
