@@ -168,6 +168,7 @@ class Controller:
         self._schedule = {s: Measured(weight) for s in SCHEDULES}
         self._choice: dict[Choice, Measured] = {}
         self.min_own = min_own
+        self._climbed: set[Choice] = set()  # neighbours of a current choice already probed (each once)
         self._last, self._run = Choice("ar"), 0  # the last choice returned and how many ticks its schedule has run
         self.options = candidates(k_max, schedules)
         self.current: Choice | None = fixed
@@ -280,14 +281,17 @@ class Controller:
 
     def _unmeasured_neighbours(self, scores: list[tuple[float, Choice]]) -> list[Choice]:
         """Once the current choice is measured (`min_own` ticks): its k - 1 and k + 1 not yet measured, where
-        predicted within `probe_within` of the best. Each is measured once, so this climbs to the best measured k
-        and stops."""
+        predicted within `probe_within` of the best. Each is probed once (its ticks with a prompt's prefill in them
+        do not count, so under arrivals a probe may measure fewer than `min_own`; it is not repeated), so this climbs
+        to the best measured k and stops."""
         cur = self._choice.get(self.current)
         if self.current.schedule == "ar" or cur is None or cur.samples < self.min_own:
             return []
         top, by = scores[0][0], {c: t for t, c in scores}
-        return [c for c in self._neighbours(self.current)[0] if by.get(c, 0.0) >= self.probe_within * top and
-                self._choice.get(c, Measured()).samples < self.min_own]
+        out = [c for c in self._neighbours(self.current)[0] if c not in self._climbed and
+               by.get(c, 0.0) >= self.probe_within * top and self._choice.get(c, Measured()).samples < self.min_own]
+        self._climbed.update(out)
+        return out
 
     def _worth_probing(self, scores: list[tuple[float, Choice]]) -> list[Choice]:
         """The best-scored choice of every other schedule predicted within `probe_within` of the best, among those
