@@ -193,26 +193,8 @@ def test_controller_reaches_the_best_fixed_choice_and_settles(case):
         "demo-pair-like": ((2.0, 0.2, 1e-5), (12.0, 0.5, 3e-5), [0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.5, 0.4, 0.4], 16),
         "one-request": ((4.0, 0.3, 1e-5), (12.0, 0.8, 3e-5), [0.9] * 9, 1),
     }[case]
-    sim = SimLane(c_d, c_v, alphas, n, rng)
-    costs, acc = profiled(sim), PositionAcceptance(8)
-    ctl = Controller(8, seed=3)
-    choices, tokens, ms = [], 0.0, 0.0
-    for tick in range(900):
-        v = LaneView(sim.ctx.astype(float), np.tile(acc.rates(), (n, 1)))
-        choice = ctl.choose(v, costs)
-        t, m = sim.run(choice, costs, acc)
-        ctl.observe(choice, m, 2 if choice.schedule == "psd" and n >= 2 else 1)  # as the lane times each tick
-        choices.append(choice)
-        if tick >= 300:
-            tokens, ms = tokens + t, ms + m
-    auto = tokens / ms
-
-    def fixed(choice):
-        s = SimLane(c_d, c_v, alphas, n, np.random.default_rng(5))
-        out = [s.run(choice, CostModel.guess(), PositionAcceptance(8)) for _ in range(200)]
-        return sum(t for t, _ in out) / sum(m for _, m in out)
-
-    best_fixed = max(fixed(c) for c in candidates(8))
+    auto, choices = run_auto(SimLane(c_d, c_v, alphas, n, rng), 900, Controller(8, seed=3), 300)
+    best_fixed = max(fixed_rate((c_d, c_v, alphas, n), c) for c in candidates(8))
     assert auto >= 0.95 * best_fixed, (auto, best_fixed, choices[-1])
     settled = choices[300:]
     switches = sum(a != b for a, b in zip(settled, settled[1:]))
@@ -231,6 +213,28 @@ def profiled(sim: SimLane) -> CostModel:
     return costs
 
 
+def run_auto(sim: SimLane, ticks: int, ctl: Controller, measure_from: int) -> tuple[float, list[Choice]]:
+    """Auto on a simulated lane, the lane's way (choose, run, observe): tokens per ms after `measure_from`, choices."""
+    costs, acc = profiled(sim), PositionAcceptance(8)
+    tokens = ms = 0.0
+    choices = []
+    for tick in range(ticks):
+        choice = ctl.choose(LaneView(sim.ctx.astype(float), np.tile(acc.rates(), (sim.n, 1))), costs)
+        t, m = sim.run(choice, costs, acc)
+        ctl.observe(choice, m, 2 if choice.schedule == "psd" and sim.n >= 2 else 1)  # as the lane times each tick
+        choices.append(choice)
+        if tick >= measure_from:
+            tokens, ms = tokens + t, ms + m
+    return tokens / ms, choices
+
+
+def fixed_rate(args: tuple, choice: Choice, hidden=None) -> float:
+    """Tokens per ms of `choice` pinned on a simulated lane SimLane(*args, rng, hidden), over 200 ticks."""
+    s = SimLane(*args, np.random.default_rng(5), hidden)
+    out = [s.run(choice, CostModel.guess(), PositionAcceptance(8)) for _ in range(200)]
+    return sum(t for t, _ in out) / sum(m for _, m in out)
+
+
 def test_a_schedule_slower_than_its_steps_show_is_measured_and_left_early():
     # The real pair at one request on 2 cores: the steps' compute_ms say drafting ahead during the verify pays, but
     # with both services computing at once (and the router and client on the same cores) its ticks take 2x what
@@ -238,18 +242,8 @@ def test_a_schedule_slower_than_its_steps_show_is_measured_and_left_early():
     # is on target-only decoding after a few dozen ticks, not after the 2% exploration would have found it.
     hidden = {"ahead": 2.0, "psd": 2.0, "sd": 1.3}
     sim = SimLane((8.0, 3.0, 1e-4), (30.0, 10.0, 2e-4), [0.8] * 9, 1, np.random.default_rng(4), hidden)
-    costs, acc = profiled(sim), PositionAcceptance(8)
-    ctl = Controller(8, seed=3)
-    first = None
-    choices = []
-    for tick in range(200):
-        v = LaneView(sim.ctx.astype(float), np.tile(acc.rates(), (1, 1)))
-        choice = ctl.choose(v, costs)
-        first = first or choice
-        _, m = sim.run(choice, costs, acc)
-        ctl.observe(choice, m)
-        choices.append(choice)
-    assert first.schedule != "ar"  # the cost model alone rates speculation above target-only decoding
+    _, choices = run_auto(sim, 200, Controller(8, seed=3), 0)
+    assert choices[0].schedule != "ar"  # the cost model alone rates speculation above target-only decoding
     assert all(c == Choice("ar") for c in choices[40:] if not c.k), choices[40:]
     assert sum(c == Choice("ar") for c in choices[40:]) >= 0.9 * len(choices[40:]), choices[40:]
 
@@ -274,21 +268,6 @@ def test_a_change_of_schedule_waits_its_dwell():
     assert swings and all(b - a >= 8 for a, b in zip(swings, swings[1:])), swings
 
 
-def run_auto(sim: SimLane, ticks: int, ctl: Controller, measure_from: int) -> tuple[float, list[Choice]]:
-    """Auto on a simulated lane, the lane's way (choose, run, observe): tokens per ms after `measure_from`, choices."""
-    costs, acc = profiled(sim), PositionAcceptance(8)
-    tokens = ms = 0.0
-    choices = []
-    for tick in range(ticks):
-        choice = ctl.choose(LaneView(sim.ctx.astype(float), np.tile(acc.rates(), (sim.n, 1))), costs)
-        t, m = sim.run(choice, costs, acc)
-        ctl.observe(choice, m, 2 if choice.schedule == "psd" and sim.n >= 2 else 1)
-        choices.append(choice)
-        if tick >= measure_from:
-            tokens, ms = tokens + t, ms + m
-    return tokens / ms, choices
-
-
 def test_k_is_corrected_by_measurement_too():
     # The demo pair at 8 concurrent on 2 cores: a speculative tick grows with k faster than the steps' compute_ms
     # show (both services and the router share the cores), so the cost model alone picks too long a draft (here
@@ -297,12 +276,7 @@ def test_k_is_corrected_by_measurement_too():
     args = ((2.0, 0.2, 1e-5), (12.0, 0.5, 3e-5), [0.9, 0.88, 0.86, 0.84, 0.8, 0.78, 0.75, 0.7, 0.7], 8)
     hidden = lambda c: 1.0 + 0.15 * max(0, c.k - 2) if c.schedule != "ar" else 1.0  # noqa: E731
 
-    def fixed(choice):
-        s = SimLane(*args, np.random.default_rng(5), hidden)
-        out = [s.run(choice, CostModel.guess(), PositionAcceptance(8)) for _ in range(200)]
-        return sum(t for t, _ in out) / sum(m for _, m in out)
-
-    table = {c: fixed(c) for c in candidates(8)}
+    table = {c: fixed_rate(args, c, hidden) for c in candidates(8)}
     best = max(table, key=table.get)
     auto, choices = run_auto(SimLane(*args, np.random.default_rng(4), hidden), 300, Controller(8, seed=3), 100)
     per_schedule, old = run_auto(SimLane(*args, np.random.default_rng(4), hidden), 300,
