@@ -285,3 +285,19 @@ def test_confirm_reruns_auto_and_the_two_best_and_scores_their_median():
     assert by["sd/k=1"]["output_tps"] == 19.0 and by["auto"]["output_tps"] == 26.0  # medians: one lucky run is out
     assert [m["output_tps"] for m in by["sd/k=1"]["repeats"]] == [30.0, 18.0, 19.0]
     assert by["ar"]["output_tps"] == 10.0 and "repeats" not in by["ar"]
+
+
+def test_combined_summary_holds_every_runs_points_tagged_by_folder(tmp_path):
+    from minedraft.bench.adaptive import write_combined_summary
+
+    for run, rows in {"demo": [{"pair": "demo pair", "value": 1}, {"pair": "demo pair", "value": 2}],
+                      "real-code": [{"pair": "real pair", "value": 4}]}.items():
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "summary.json").write_text(json.dumps(rows))
+    (tmp_path / "notes").mkdir()  # a folder without a summary is not a run
+    out = write_combined_summary(tmp_path)
+    assert json.loads(out.read_text()) == [{"run": "demo", "pair": "demo pair", "value": 1},
+                                           {"run": "demo", "pair": "demo pair", "value": 2},
+                                           {"run": "real-code", "pair": "real pair", "value": 4}]
+    write_combined_summary(tmp_path)  # rebuilding does not read its own output back
+    assert len(json.loads(out.read_text())) == 3

@@ -5,7 +5,8 @@ at each k, the pinned draft-ahead schedule if asked, and auto. The model service
 router is restarted per configuration (`Cluster.replace_router`), so a real model pair is loaded once. Each run is
 preceded by a short warm-up (auto learns during it, as it would in service), then measured. A Poisson rate sweep
 compares mean E2E latency at offered loads. Written to --out: results.json (everything), summary.json (one row per
-point: auto vs the best fixed configuration and ar), results.md, and plots of throughput, latency and what auto chose.
+point: auto vs the best fixed configuration and ar), results.md, and plots of throughput, latency and what auto chose;
+then --out's parent summary.json is rebuilt from every sibling run's summary.json (`write_combined_summary`).
 
     minedraft bench-adaptive --out benchmarks/results/adaptive/demo --concurrency 1,2,4,8,16,32,64 --rates 2,4,6
 """
@@ -174,7 +175,8 @@ def run(args) -> int:
         for c in [int(x) for x in args.concurrency.split(",") if x]:
             n = max(c * args.waves, args.min_requests)
             reqs = [BenchRequest(i, pool[i % len(pool)], args.output_len, 0.0) for i in range(n)]
-            warm = [BenchRequest(i, pool[(n + i) % len(pool)], args.warmup_len, 0.0) for i in range(max(2, c))]
+            warm = [BenchRequest(i, pool[(n + i) % len(pool)], args.warmup_len, 0.0)
+                    for i in range(max(2, c) * args.warmup_waves)]
             log(f"concurrency {c}: {n} requests x {args.output_len} tokens")
             point = {"concurrency": c, "requests": n, "runs": []}
             def batch_run(name, mode, k, tag=""):
@@ -190,7 +192,8 @@ def run(args) -> int:
             arrivals = poisson_arrivals(args.rate_requests, rate, seed=1)
             reqs = [BenchRequest(i, pool[i % len(pool)], args.output_len, arrivals[i]) for i in
                     range(args.rate_requests)]
-            warm = [BenchRequest(i, pool[(len(reqs) + i) % len(pool)], args.warmup_len, 0.0) for i in range(4)]
+            warm = [BenchRequest(i, pool[(len(reqs) + i) % len(pool)], args.warmup_len, 0.0)
+                    for i in range(4 * args.warmup_waves)]
             log(f"rate {rate} req/s: {len(reqs)} requests x {args.output_len} tokens, Poisson arrivals")
             point = {"rate": rate, "requests": len(reqs), "runs": []}
             def rate_run(name, mode, k, tag=f"r{rate:g}"):
@@ -207,8 +210,20 @@ def run(args) -> int:
         cluster.stop()
     save()
     write_plots(results, out)
+    combined = write_combined_summary(out.parent)
+    log(f"{combined}: {len(json.loads(combined.read_text()))} points from every run under {out.parent}")
     print((out / "results.md").read_text())
     return 0
+
+
+def write_combined_summary(root: Path) -> Path:
+    """root/summary.json: the points of every run folder directly under root (each folder's summary.json), tagged
+    with the folder's name as "run", so one file answers "auto against the best fixed choice, everywhere" for the
+    demo and the real pair and each workload, without rerunning anything."""
+    rows = [{"run": f.parent.name, **row} for f in sorted(root.glob("*/summary.json"))
+            for row in json.loads(f.read_text())]
+    (root / "summary.json").write_text(json.dumps(rows, indent=1) + "\n")
+    return root / "summary.json"
 
 
 def _best(runs: list[dict], key: str) -> dict:
@@ -366,6 +381,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     b.add_argument("--max-prompt-tokens", type=int, default=256)
     b.add_argument("--output-len", type=int, default=64)
     b.add_argument("--warmup-len", type=int, default=16, help="tokens per warm-up request (one per concurrency slot)")
+    b.add_argument("--warmup-waves", type=int, default=1, help="warm-up requests = this x concurrency (each "
+                   "router is new, so auto learns from nothing during the warm-up and the run: more waves measure it "
+                   "nearer its steady state, as a long-running router)")
     b.add_argument("--concurrency", default="1,2,4,8,16,32,64")
     b.add_argument("--waves", type=int, default=2, help="requests per point = waves x concurrency")
     b.add_argument("--min-requests", type=int, default=4)
