@@ -281,9 +281,8 @@ class Controller:
 
     def _unmeasured_neighbours(self, scores: list[tuple[float, Choice]]) -> list[Choice]:
         """Once the current choice is measured (`min_own` ticks): its k - 1 and k + 1 not yet measured, where
-        predicted within `probe_within` of the best. Each is probed once (its ticks with a prompt's prefill in them
-        do not count, so under arrivals a probe may measure fewer than `min_own`; it is not repeated), so this climbs
-        to the best measured k and stops."""
+        predicted within `probe_within` of the best. Each is probed once (its first tick does not count if it
+        changes schedule; it is not repeated), so this climbs to the best measured k and stops."""
         cur = self._choice.get(self.current)
         if self.current.schedule == "ar" or cur is None or cur.samples < self.min_own:
             return []
