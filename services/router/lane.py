@@ -98,6 +98,7 @@ class Lane:
         self._holders: Counter[str] = Counter()  # drafter buffer -> pending drafts that point at it
         self._outcomes: dict[str, tuple[int, int, int]] = {}  # this tick's (drafted, accepted, last token) per seq
         self._calls: list[tuple[float, float]] = []  # this tick's service calls (start, end)
+        self._tick_prefills = 0  # prompts this tick's verify prefilled
         self._last_tick_end = 0.0
         self.dead = False  # this lane's verifier is gone and its requests moved to other lanes
         self.verifier_down = False  # waiting for a lost verifier to come back (new requests go elsewhere or fail)
@@ -358,7 +359,7 @@ class Lane:
         if sched == "psd" and any(r.phase == VERIFY for r in S):
             self._defer_undrafted(S, O)
         t0 = time.perf_counter()
-        self._calls = []
+        self._calls, self._tick_prefills = [], 0
         if sched != "ar":
             # psd drafts S first only when nothing is stored for it (its first tick: _defer_undrafted left no request
             # without a draft beside ones with); the others draft every request that has no draft (new, a missed
@@ -384,11 +385,13 @@ class Lane:
             if err is not None:
                 await self._lost(err)  # raises if the requests cannot go on
         end = time.perf_counter()
-        # Ticks with a prompt's prefill count too: how a schedule absorbs prefills is part of its cost (in psd the
-        # other batch keeps drafting; in sd and ahead every running request waits), and under heavy turnover they
-        # are most ticks (68% of the time at 64 concurrent, 64-token answers, on the demo pair), so leaving them out
-        # left probes with no steady tick to measure. The correction's median keeps a rare one from ruling.
-        self.controller.observe(choice, 1e3 * (end - t0 + self._gap(t0)))
+        # Ticks with a few prompts' prefills count too: how a schedule absorbs the prefills of steady turnover is part
+        # of its cost (in psd the other batch keeps drafting; in sd and ahead every running request waits), and
+        # under heavy turnover such ticks are most of the time (68% at 64 concurrent, 64-token answers, on the demo
+        # pair), so leaving them out left probes with nothing to measure. A burst (more than a quarter of the running
+        # requests prefilling: a lane's start, a wave of arrivals) is not a schedule's steady cost and is left out.
+        if 4 * self._tick_prefills <= len(S) + len(O):
+            self.controller.observe(choice, 1e3 * (end - t0 + self._gap(t0)))
         self._observe_tick(t0, end)
         self.trace.tick(self.ticks, t0, end, len(S), len(O), str(choice), self.controller.predicted,
                         self.controller.explored)
@@ -532,6 +535,7 @@ class Lane:
             rows.append((start, len(tokens) + len(entry.drafts)))
             if start == 0:  # the verifier keeps a sequence's sampling options from its first step on
                 prefills += 1
+                self._tick_prefills += 1
                 entry.sampling.CopyFrom(r.sampling)
         start_t = time.perf_counter()
         resp = await self.verifier.step(pb.VerifierRequest(verify=batch))
