@@ -283,3 +283,12 @@ def test_k_is_corrected_by_measurement_too():
                                  Controller(8, seed=3, min_own=10 ** 9), 100)  # one correction per schedule
     assert auto >= 0.95 * table[best], (auto, table[best], best, choices[-1])
     assert per_schedule < 0.95 * table[best], (per_schedule, old[-1])  # what a correction per schedule reaches
+
+
+def test_steady_turnover_prefills_are_measured_bursts_are_not():
+    from services.router.policy import measures_steady_cost
+
+    assert measures_steady_cost(0, 1) and measures_steady_cost(0, 64)
+    assert measures_steady_cost(5, 64) and measures_steady_cost(16, 64)  # turnover: a few new prompts per tick
+    assert not measures_steady_cost(17, 64) and not measures_steady_cost(16, 16)  # a burst, e.g. a lane's start
+    assert not measures_steady_cost(1, 1) and measures_steady_cost(1, 4)

@@ -35,7 +35,7 @@ from services.router.clients import ModelClient, ServiceError
 from services.router.costs import CostModel, decode_shaped, draft_features, draft_forwards, verify_features
 from services.router.metrics import LaneMetrics
 from services.router.negotiation import negotiate
-from services.router.policy import Choice, Controller, LaneView
+from services.router.policy import Choice, Controller, LaneView, measures_steady_cost
 from services.router.releases import PendingReleases
 from services.router.request import DRAFT, PREFILL, VERIFY, PendingDraft, QueueFull, Request
 from services.router.trace import Trace
@@ -385,12 +385,7 @@ class Lane:
             if err is not None:
                 await self._lost(err)  # raises if the requests cannot go on
         end = time.perf_counter()
-        # Ticks with a few prompts' prefills count too: how a schedule absorbs the prefills of steady turnover is part
-        # of its cost (in psd the other batch keeps drafting; in sd and ahead every running request waits), and
-        # under heavy turnover such ticks are most of the time (68% at 64 concurrent, 64-token answers, on the demo
-        # pair), so leaving them out left probes with nothing to measure. A burst (more than a quarter of the running
-        # requests prefilling: a lane's start, a wave of arrivals) is not a schedule's steady cost and is left out.
-        if 4 * self._tick_prefills <= len(S) + len(O):
+        if measures_steady_cost(self._tick_prefills, len(S) + len(O)):
             self.controller.observe(choice, 1e3 * (end - t0 + self._gap(t0)))
         self._observe_tick(t0, end)
         self.trace.tick(self.ticks, t0, end, len(S), len(O), str(choice), self.controller.predicted,
