@@ -530,8 +530,8 @@ class Lane:
             rows.append((start, len(tokens) + len(entry.drafts)))
             if start == 0:  # the verifier keeps a sequence's sampling options from its first step on
                 prefills += 1
-                self._tick_prefills += 1
                 entry.sampling.CopyFrom(r.sampling)
+        self._tick_prefills += prefills
         start_t = time.perf_counter()
         resp = await self.verifier.step(pb.VerifierRequest(verify=batch))
         end_t = time.perf_counter()
