@@ -9,23 +9,26 @@ Schedules (what one tick of a lane does with its running requests):
          during verification turns into latency at low load
 For each, `throughput` predicts tokens per second from the cost model (costs.py) and the acceptance estimates
 (acceptance.py). The Controller picks the best, but keeps its current choice unless another is predicted to be
-`margin` better (twice that for another schedule, whose first tick costs more; so noise in the estimates cannot make
-it oscillate), and now and then explores a neighbour (k +- 1,
-or another schedule at the same k), so that a wrong estimate, such as the acceptance of a position never drafted,
+`margin` better (twice that for another schedule not measured yet, whose first tick costs more and whose score is the
+cost model's alone; so noise in the estimates cannot make it oscillate), and now and then explores a neighbour (k +-
+1, or another schedule at the same k), so that a wrong estimate, such as the acceptance of a position never drafted,
 gets corrected by measurement. What the cost model cannot see (the router's and the client's own CPU on a shared
-machine, a schedule's extra calls) is corrected by measurement too: each choice's prediction is scaled by the
-ratio of the time its ticks were predicted to take to what they took (the median over its first 20 ticks,
-so a few ticks correct it and one slow tick does not, then a running mean). The ratio is kept per choice, because
-how a tick grows with k is what the cost model gets most wrong when both services compute at once on shared cores
-(the demo pair at 8 concurrent on 2 cores: psd/k=6 was predicted best, psd/k=4 measured 1.24x faster); a choice not
-yet measured borrows the ratio of its schedule's nearest measured k, else its schedule's. Because a ratio is only
-learnt for a choice that runs, the lane probes: after its first `every` ticks, each other schedule whose best k is
-predicted within `probe_within` of the best runs a few ticks, and every `reprobe` ticks one still measured on few
-ticks runs again; and once the current choice is measured, its k - 1 and k + 1 are measured too (a hill climb on
-measured ticks, each neighbour once). So a model that overrates speculation (a compute-bound target whose verify grows with every token) cannot
-keep auto off target-only decoding for good, and one unlucky probe cannot rule a schedule out. A change of schedule
-also waits `dwell` ticks after the previous one: under arrival-driven load the batch changes every few ticks, and
-each switch costs a non-overlapped first tick.
+machine, a schedule's extra calls) is corrected by measurement too: each choice's prediction is scaled by the ratio of
+the time its ticks were predicted to take to what they took (the median over its first 20 ticks, so a few ticks
+correct it and one slow tick does not, then a running mean). The ratio is kept per choice, because how a tick grows
+with k is what the cost model gets most wrong when both services compute at once on shared cores (the demo pair at 8
+concurrent on 2 cores: psd/k=6 was predicted best, psd/k=4 measured 1.24x faster); a choice not yet measured borrows
+the ratio of its schedule's nearest measured k, else its schedule's. Because a ratio is only learnt for a choice that
+runs, the lane probes: after its first `every` ticks, each other schedule whose best k is predicted within
+`probe_within` of the best runs a few ticks (`probe_ticks`, the first of which does not count), and after `reprobe`
+ticks, then twice and four times that, ... one still measured on few ticks runs again if its corrected score is within
+`reprobe_within` of the best (probes are paid for inside the run: a 150-tick benchmark run of the first controller
+spent 25-36% of its time on them, most on schedules measured ~2x slower per tick); and once the current choice is
+measured, its k - 1 and k + 1 are measured too (a hill climb on measured ticks, each neighbour once). So a model that
+overrates speculation (a compute-bound target whose verify grows with every token) cannot keep auto off target-only
+decoding for good, and one unlucky probe cannot rule a schedule out. A change of schedule also waits `dwell` ticks
+after the previous one: under arrival-driven load the batch changes every few ticks, and each switch costs a
+non-overlapped first tick.
 Pure: no servers (tests/test_policy.py).
 """
 
@@ -162,12 +165,14 @@ class Controller:
     costs about a millisecond; a tick can be a few). `explore` is the share of ticks spent trying a neighbour."""
 
     def __init__(self, k_max: int, schedules: tuple[str, ...] = SCHEDULES, fixed: Choice | None = None,
-                 margin: float = 0.05, explore: float = 0.02, explore_ticks: int = 4, every: int = 8, seed: int = 0,
-                 probe_within: float = 0.6, probe_ticks: int = 6, reprobe: int = 64, dwell: int = 8,
-                 weight: float = 0.05, min_own: int = 3):
+                 margin: float = 0.05, explore: float = 0.02, explore_ticks: int = 3, every: int = 8, seed: int = 0,
+                 probe_within: float = 0.6, probe_ticks: int = 4, reprobe: int = 64, reprobe_within: float = 0.85,
+                 dwell: int = 8, weight: float = 0.05, min_own: int = 3):
         self.fixed, self.margin, self.explore, self.every, self.weight = fixed, margin, explore, every, weight
         self.explore_ticks = explore_ticks  # an exploration holds its choice this many ticks: the first is not steady
         self.probe_within, self.probe_ticks, self.reprobe, self.dwell = probe_within, probe_ticks, reprobe, dwell
+        self.reprobe_within = reprobe_within
+        self._rounds = 0  # rounds of probes so far: the gap to the next doubles each time
         self._exploring: Choice | None = None
         self._explore_left = 0
         self._probes: list[Choice] = []  # choices to measure next, a few ticks each
@@ -217,11 +222,13 @@ class Controller:
                              for c, (tokens, ms, _) in predicted.items()), key=lambda tc: -tc[0])
             self._scores, self._scored_n, self._age = {c: t for t, c in scores}, n, 0
             best_tps, best = scores[0]
-            # Another schedule must beat the current one by twice the margin: its first tick is not steady (a psd
-            # tick drafts before it can overlap, an ahead tick has nothing drafted ahead yet).
-            # A change of schedule also waits `dwell` ticks after the last one.
+            # Another schedule not measured yet must beat the current one by twice the margin: its first tick is
+            # not steady (a psd tick drafts before it can overlap, an ahead tick has nothing drafted ahead yet), and
+            # its score is the cost model's alone. Once measured, the margin alone: a gap of 5-10% between two
+            # measured schedules is real (the real pair at one request: ar 8% faster than sd/k=2), and `dwell`
+            # already bounds how often the schedule can change (it waits `dwell` ticks after the last change).
             other = self.current is not None and best.schedule != self.current.schedule
-            margin = 2 * self.margin if other else self.margin
+            margin = 2 * self.margin if other and not self._measured(best) else self.margin
             if self.current is None or best_tps > self._scores.get(self.current, 0.0) * (1 + margin) and \
                     (not other or self._since_switch >= self.dwell):
                 self.switched = (self.current, best, scores[:3])
@@ -232,9 +239,11 @@ class Controller:
             if self._lived >= self._next_probe and self._exploring is None:
                 # The first round (after `every` ticks: the first ticks of a lane are prefills and arrivals)
                 # measures every schedule worth it; later rounds, one schedule still measured on few ticks.
-                first = self._next_probe == self.every
-                self._probes = self._worth_probing(scores)[:None if first else 1]
-                self._next_probe = self._lived + self.reprobe
+                first = self._rounds == 0
+                within = self.probe_within if first else max(self.probe_within, self.reprobe_within)
+                self._probes = self._worth_probing(scores, within)[:None if first else 1]
+                self._next_probe = self._lived + self.reprobe * 2 ** self._rounds
+                self._rounds += 1
             if self._exploring is None and not self._probes and self._lived >= self.every:
                 self._probes = self._unmeasured_neighbours(scores)
         if self._exploring is None and self._probes:
@@ -262,6 +271,10 @@ class Controller:
     def correction(self) -> dict[str, float]:
         """Predicted / measured tick time per schedule, over all its ticks (what the lane's log shows)."""
         return {s: m.value for s, m in self._schedule.items()}
+
+    def _measured(self, c: Choice) -> bool:
+        own = self._choice.get(c)
+        return own is not None and own.samples >= self.min_own
 
     def correction_of(self, c: Choice) -> float:
         """Predicted / measured tick time of `c`: its own once it has `min_own` ratios; else that of its schedule's
@@ -302,12 +315,12 @@ class Controller:
         self._climbed.update(out)
         return out
 
-    def _worth_probing(self, scores: list[tuple[float, Choice]]) -> list[Choice]:
-        """The best-scored choice of every other schedule predicted within `probe_within` of the best, among those
+    def _worth_probing(self, scores: list[tuple[float, Choice]], within: float) -> list[Choice]:
+        """The best-scored choice of every other schedule predicted within `within` of the best, among those
         measured on fewer than 1 / weight ticks so far."""
         top, out = scores[0][0], []
         for tps, c in scores:
-            if c.schedule != self.current.schedule and tps >= self.probe_within * top and \
+            if c.schedule != self.current.schedule and tps >= within * top and \
                     self._schedule[c.schedule].samples < 1.0 / self.weight and \
                     all(o.schedule != c.schedule for o in out):
                 out.append(c)
