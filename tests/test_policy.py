@@ -306,3 +306,29 @@ def test_learning_costs_little_in_a_short_run():
     rates = [run_auto(SimLane(*args, np.random.default_rng(seed), hidden), 150, Controller(8, seed=seed), 10)[0]
              for seed in range(3)]
     assert np.mean(rates) >= 0.95 * best, (rates, best)
+
+
+def test_one_request_left_does_not_switch_psd_to_sd():
+    # A wave draining to one request: psd then runs one batch, which is an sd tick. Scored with psd's correction
+    # (learnt on overlapped ticks, here 0.85) sd would win, and switching back once the batch refills would wait
+    # its dwell and the margin; the demo pair at 32 concurrent spent 28 ticks on sd/k=5 that way. psd at one
+    # request is scored as sd, so the choice stays psd (the lane runs it as sd, and corrects sd with that tick).
+    from services.router.policy import tick_ms
+
+    costs = costs_for(0.3, 0.5, 3.0, 12.0)
+    ctl = Controller(8, schedules=("sd", "psd"), explore=0.0, probe_within=2.0)
+    assert ctl.choose(view(16, 0.85), costs).schedule == "psd"
+    for _ in range(10):
+        c = ctl.choose(view(16, 0.85), costs)
+        ctl.observe(c, ctl._tick_ms[c] / 0.85)
+    assert ctl.current.schedule == "psd"
+    for _ in range(5):
+        assert ctl.choose(view(1, 0.85), costs).schedule == "psd"
+    assert ctl.choose(view(16, 0.85), costs).schedule == "psd"
+    # What a tick that ran is predicted to cost comes from its own shapes: unequal psd batches cost what the
+    # larger half's verify does, not the average cycle's.
+    even = tick_ms(costs, (8, 2400.0, 5), overlapped=(8, 2400.0, 4))
+    uneven = tick_ms(costs, (13, 3900.0, 5), overlapped=(3, 900.0, 4))
+    assert uneven > even
+    assert tick_ms(costs, (4, 1200.0, 5), first=(4, 1200.0, 4)) == pytest.approx(
+        costs.draft_ms(4, 1200.0, 4) + costs.verify_ms(4, 1200.0, 5) + costs.tick_overhead.value)

@@ -35,7 +35,7 @@ from services.router.clients import ModelClient, ServiceError
 from services.router.costs import CostModel, decode_shaped, draft_features, draft_forwards, verify_features
 from services.router.metrics import LaneMetrics
 from services.router.negotiation import negotiate
-from services.router.policy import Choice, Controller, LaneView, measures_steady_cost
+from services.router.policy import Choice, Controller, LaneView, measures_steady_cost, tick_ms
 from services.router.releases import PendingReleases
 from services.router.request import DRAFT, PREFILL, VERIFY, PendingDraft, QueueFull, Request
 from services.router.trace import Trace
@@ -43,6 +43,12 @@ from services.router.trace import Trace
 __all__ = ["Lane", "QueueFull", "Replicas", "Request"]
 
 log = logging.getLogger(__name__)
+
+
+def _shape(reqs: list[Request], tokens: int, ahead: int = 0) -> tuple[int, float, int]:
+    """(sequences, summed cached lengths, tokens or drafts each) of a step over `reqs`, for `policy.tick_ms`;
+    `ahead`: drafts each has pending beyond its tokens (drafting ahead starts after them)."""
+    return len(reqs), float(sum(len(r.seq.tokens) for r in reqs) + ahead * len(reqs)), tokens
 
 
 class Replicas(Protocol):
@@ -360,21 +366,22 @@ class Lane:
             self._defer_undrafted(S, O)
         t0 = time.perf_counter()
         self._calls, self._tick_prefills = [], 0
-        if sched != "ar":
-            # psd drafts S first only when nothing is stored for it (its first tick: _defer_undrafted left no request
-            # without a draft beside ones with); the others draft every request that has no draft (new, a missed
-            # draft-ahead, the other batch merged in).
-            need = [r for r in S if r.phase == DRAFT]
-            if need:
-                (derr,) = await self._launch(self._draft(t0, need, k))
-                if derr is not None:
-                    await self._lost(derr)
-                    return
+        # psd drafts S first only when nothing is stored for it (its first tick: _defer_undrafted left no request
+        # without a draft beside ones with); the others draft every request that has no draft (new, a missed
+        # draft-ahead, the other batch merged in).
+        need = [r for r in S if r.phase == DRAFT] if sched != "ar" else []
+        draft_set = [r for r in O if r.phase == DRAFT] if sched == "psd" else []
+        if need:
+            (derr,) = await self._launch(self._draft(t0, need, k))
+            if derr is not None:
+                await self._lost(derr)
+                return
+        ahead = [r for r in S if r.draft is not None and self._ahead_len(r, k) > 0] if sched == "ahead" else []
+        predicted = tick_ms(self.costs, _shape(S, k + 1), _shape(need, k), _shape(ahead, k + 1, ahead=k)
+                            if ahead else _shape(draft_set, k))
         # New requests prefill with their own batch's verification (single-batch schedules merged O into S): one
         # that joined O waits a tick rather than being prefilled now and then verified alone with zero drafts, so
         # every request runs prefill, then draft k and verify, whatever batch it joined (reproducible seeded samples).
-        draft_set = [r for r in O if r.phase == DRAFT] if sched == "psd" else []
-        ahead = [r for r in S if r.draft is not None and self._ahead_len(r, k) > 0] if sched == "ahead" else []
         # The drafter caches new prompts while the verifier works, so their first draft step feeds one token instead
         # of the whole prompt: the draft-side prefill hides behind the (much longer) target prefill.
         warm = [r for r in S + O if r.phase == PREFILL and r.seq.draft_cached == 0] \
@@ -386,7 +393,9 @@ class Lane:
                 await self._lost(err)  # raises if the requests cannot go on
         end = time.perf_counter()
         if measures_steady_cost(self._tick_prefills, len(S) + len(O)):
-            self.controller.observe(choice, 1e3 * (end - t0 + self._gap(t0)))
+            # psd with one batch (one request, or the other batch drained) ran an sd tick: it corrects sd.
+            ran = Choice("sd", k) if sched == "psd" and not O else choice
+            self.controller.observe(ran, 1e3 * (end - t0 + self._gap(t0)), predicted_ms=predicted)
         self._observe_tick(t0, end)
         self.trace.tick(self.ticks, t0, end, len(S), len(O), str(choice), self.controller.predicted,
                         self.controller.explored)

@@ -102,6 +102,18 @@ def cycle(choice: Choice, view: LaneView, costs: CostModel, yields: np.ndarray |
     return tokens, max(costs.verify_ms(n, total, k + 1), costs.draft_ms(n, total + n * k, k + 1)) + t_miss + over, 1
 
 
+def tick_ms(costs: CostModel, verified: tuple[int, float, int], first: tuple[int, float, int] = (0, 0.0, 0),
+            overlapped: tuple[int, float, int] = (0, 0.0, 0)) -> float:
+    """The cost model's time of one tick that ran these shapes, each (sequences, their summed cached lengths, tokens
+    or drafts each): a draft step made `first` (sd's draft, draft-ahead's misses, psd's first tick), then a verify
+    and, overlapped with it, another draft step (psd's other batch, draft-ahead's drafts ahead). What a tick was
+    predicted to cost is taken from what it ran, not from the schedule's expected cycle, so that its correction does
+    not learn how this tick's shapes differed from the average (psd's batches unequal while a wave drains,
+    draft-ahead's misses)."""
+    return costs.draft_ms(*first) + max(costs.verify_ms(*verified), costs.draft_ms(*overlapped)) + \
+        costs.tick_overhead.value
+
+
 def throughput(choice: Choice, view: LaneView, costs: CostModel, yields: np.ndarray | None = None,
                hits: np.ndarray | None = None) -> float:
     """Predicted generated tokens per second of running `choice` on these requests."""
@@ -218,7 +230,10 @@ class Controller:
             view = view if isinstance(view, LaneView) else view()
             predicted = cycles(view, costs, self.options)
             self._tick_ms = {c: ms / ticks for c, (_, ms, ticks) in predicted.items()}
-            scores = sorted(((1e3 * tokens / ms * self.correction_of(c), c)
+            # With fewer than 2 requests psd runs one batch, as sd: it is scored as sd (its correction too), so a
+            # moment at one request (a wave draining) does not switch psd to sd and back.
+            scores = sorted(((1e3 * tokens / ms * self.correction_of(Choice("sd", c.k) if c.schedule == "psd" and
+                                                                     n < 2 else c), c)
                              for c, (tokens, ms, _) in predicted.items()), key=lambda tc: -tc[0])
             self._scores, self._scored_n, self._age = {c: t for t, c in scores}, n, 0
             best_tps, best = scores[0]
@@ -289,14 +304,15 @@ class Controller:
         d = min(dist for dist, _ in near)
         return float(np.mean([v for dist, v in near if dist == d]))
 
-    def observe(self, choice: Choice, ms: float, ticks: int = 1) -> None:
+    def observe(self, choice: Choice, ms: float, ticks: int = 1, predicted_ms: float | None = None) -> None:
         """`ticks` ticks of `choice` took `ms` in all: move its corrections (predicted / measured tick time, its own
-        and its schedule's) towards what they measured (`Measured`). Time, not tokens per second, is what is
-        corrected: how many tokens a tick yields is the acceptance estimates' job, and folding their early errors in
-        here would bias the correction for good. The first tick after a change of schedule is not steady (psd's
-        first tick drafts before it can overlap, draft-ahead's has nothing drafted ahead yet), so it does not count;
-        a change of k alone keeps the tick steady."""
-        predicted = self._tick_ms.get(choice, 0.0)
+        and its schedule's) towards what they measured (`Measured`). The prediction is `predicted_ms` where the caller
+        computed it from the shapes the tick ran (`tick_ms`), else the choice's expected cycle at the last score.
+        Time, not tokens per second, is what is corrected: how many tokens a tick yields is the acceptance estimates'
+        job, and folding their early errors in here would bias the correction for good. The first tick after a change
+        of schedule is not steady (psd's first tick drafts before it can overlap, draft-ahead's has nothing drafted
+        ahead yet), so it does not count; a change of k alone keeps the tick steady."""
+        predicted = predicted_ms if predicted_ms is not None else self._tick_ms.get(choice, 0.0)  # per tick
         if self.fixed is None and predicted > 0 and ms > 0 and self._run >= 2:
             ratio = min(2.0, max(0.25, predicted * ticks / ms))
             self._schedule[choice.schedule].update(ratio)
