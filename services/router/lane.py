@@ -395,7 +395,7 @@ class Lane:
         if measures_steady_cost(self._tick_prefills, len(S) + len(O)):
             # psd with one batch (one request, or the other batch drained) ran an sd tick: it corrects sd.
             ran = Choice("sd", k) if sched == "psd" and not O else choice
-            self.controller.observe(ran, 1e3 * (end - t0 + self._gap(t0)), predicted_ms=predicted)
+            self.controller.observe(ran, 1e3 * (end - t0 + self._gap(t0)), predicted_ms=predicted, n=len(S) + len(O))
         self._observe_tick(t0, end)
         self.trace.tick(self.ticks, t0, end, len(S), len(O), str(choice), self.controller.predicted,
                         self.controller.explored)

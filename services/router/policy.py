@@ -15,32 +15,33 @@ cost model's alone; so noise in the estimates cannot make it oscillate), and now
 gets corrected by measurement. What the cost model cannot see (the router's and the client's own CPU on a shared
 machine, a schedule's extra calls) is corrected by measurement too: each choice's prediction is scaled by the ratio of
 the time its ticks were predicted to take to what they took (the median over its first 20 ticks, so a few ticks
-correct it and one slow tick does not, then a running mean). The ratio is kept per choice, because how a tick grows
-with k is what the cost model gets most wrong when both services compute at once on shared cores (the demo pair at 8
-concurrent on 2 cores: psd/k=6 was predicted best, psd/k=4 measured 1.24x faster); a choice not yet measured borrows
-the ratio of its schedule's nearest measured k, else its schedule's. Because a ratio is only learnt for a choice that
-runs, the lane probes: after its first `every` ticks, each other schedule whose best k is predicted within
-`probe_within` of the best runs a few ticks (`probe_ticks`, the first of which does not count), and after `reprobe`
-ticks, then twice and four times that, ... one still measured on few ticks runs again if its corrected score is within
-`reprobe_within` of the best (probes are paid for inside the run: a 150-tick benchmark run of the first controller
-spent 25-36% of its time on them, most on schedules measured ~2x slower per tick); and once the current choice is
-measured, its k - 1 and k + 1 are measured too (a hill climb on measured ticks, each neighbour once). So a model that
-overrates speculation (a compute-bound target whose verify grows with every token) cannot keep auto off target-only
-decoding for good, and one unlucky probe cannot rule a schedule out. A change of schedule also waits `dwell` ticks
-after the previous one: under arrival-driven load the batch changes every few ticks, and each switch costs a
-non-overlapped first tick.
+correct it and one slow tick does not, then a running mean). The ratio is kept per choice and batch-size bucket
+(corrections.py), because how a tick grows with k is what the cost model gets most wrong when both services compute at
+once on shared cores (the demo pair at 8 concurrent on 2 cores: psd/k=6 was predicted best, psd/k=4 measured 1.24x
+faster); a choice not yet measured borrows the ratio of its schedule's nearest measured k, else its schedule's.
+Because a ratio is only learnt for a choice that runs, the lane probes: after its first `every` ticks, each other
+schedule whose best k is predicted within `probe_within` of the best runs a few ticks (`probe_ticks`, the first of
+which does not count), and after `reprobe` ticks, then twice and four times that, ... one still measured on few ticks
+runs again if its corrected score is within `reprobe_within` of the best (probes are paid for inside the run: a
+150-tick benchmark run of the first controller spent 25-36% of its time on them, most on schedules measured ~2x slower
+per tick); and once the current choice is measured, its k - 1 and k + 1 are measured too (a hill climb on measured
+ticks, each neighbour once). So a model that overrates speculation (a compute-bound target whose verify grows with
+every token) cannot keep auto off target-only decoding for good, and one unlucky probe cannot rule a schedule out. A
+change of schedule also waits `dwell` ticks after the previous one: under arrival-driven load the batch changes every
+few ticks, and each switch costs a non-overlapped first tick.
 Pure: no servers (tests/test_policy.py).
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
 from services.router.acceptance import all_accepted, expected_tokens
+from services.router.corrections import Corrections, bucket
 from services.router.costs import CostModel
 
 SCHEDULES = ("ar", "sd", "psd", "ahead")
@@ -150,27 +151,6 @@ def candidates(k_max: int, schedules: tuple[str, ...] = SCHEDULES) -> list[Choic
     return [Choice(s, 0 if s == "ar" else k) for s in schedules for k in ([0] if s == "ar" else range(1, k_max + 1))]
 
 
-@dataclass
-class Measured:
-    """A correction learnt from measured ticks: the median of the first `1 / weight` ratios (one slow tick must not
-    rule a choice out), then a running mean with that weight (the machine drifts)."""
-
-    weight: float = 0.05
-    value: float = 1.0
-    ratios: list[float] = field(default_factory=list)  # the first 1 / weight ratios; how many says how well measured
-
-    @property
-    def samples(self) -> int:
-        return len(self.ratios)
-
-    def update(self, ratio: float) -> None:
-        if len(self.ratios) < 1.0 / self.weight:
-            self.ratios.append(ratio)
-            self.value = float(np.median(self.ratios))
-        else:
-            self.value += self.weight * (ratio - self.value)
-
-
 class Controller:
     """Per-lane chooser. `fixed` pins one choice (the fixed modes); otherwise it decides as the module says,
     re-scoring every choice when the batch changes size and every `every` ticks otherwise (a score of every choice
@@ -190,12 +170,10 @@ class Controller:
         self._probes: list[Choice] = []  # choices to measure next, a few ticks each
         self._lived, self._next_probe = 0, every  # ticks so far; when the next round of probes is due
         self._since_switch = 0  # ticks since `current` last changed schedule
-        # Predicted / measured tick time, per schedule (for choices of a schedule none of whose k is measured yet)
-        # and per choice (once it has `min_own` ratios of its own).
-        self._schedule = {s: Measured(weight) for s in SCHEDULES}
-        self._choice: dict[Choice, Measured] = {}
+        # Predicted / measured tick time, per choice and batch-size bucket (corrections.py).
+        self.corrections = Corrections(weight, min_own)
         self.min_own = min_own
-        self._climbed: set[Choice] = set()  # neighbours of a current choice already probed (each once)
+        self._climbed: set[tuple[Choice, int]] = set()  # (neighbour, bucket) of a current choice already probed
         self._last, self._run = Choice("ar"), 0  # the last choice returned and how many ticks its schedule has run
         self.options = candidates(k_max, schedules)
         self.current: Choice | None = fixed
@@ -233,7 +211,7 @@ class Controller:
             # With fewer than 2 requests psd runs one batch, as sd: it is scored as sd (its correction too), so a
             # moment at one request (a wave draining) does not switch psd to sd and back.
             scores = sorted(((1e3 * tokens / ms * self.correction_of(Choice("sd", c.k) if c.schedule == "psd" and
-                                                                     n < 2 else c), c)
+                                                                     n < 2 else c, n), c)
                              for c, (tokens, ms, _) in predicted.items()), key=lambda tc: -tc[0])
             self._scores, self._scored_n, self._age = {c: t for t, c in scores}, n, 0
             best_tps, best = scores[0]
@@ -284,51 +262,42 @@ class Controller:
 
     @property
     def correction(self) -> dict[str, float]:
-        """Predicted / measured tick time per schedule, over all its ticks (what the lane's log shows)."""
-        return {s: m.value for s, m in self._schedule.items()}
+        """Predicted / measured tick time per schedule at the current batch size (what the lane's log shows)."""
+        return self.corrections.by_schedule(SCHEDULES, max(self._scored_n, 1))
 
     def _measured(self, c: Choice) -> bool:
-        own = self._choice.get(c)
-        return own is not None and own.samples >= self.min_own
+        return self.corrections.measured(c, self._scored_n)
 
-    def correction_of(self, c: Choice) -> float:
-        """Predicted / measured tick time of `c`: its own once it has `min_own` ratios; else that of its schedule's
-        nearest measured k (the mean of the two at equal distance); else its schedule's."""
-        own = self._choice.get(c)
-        if own is not None and own.samples >= self.min_own:
-            return own.value
-        near = [(abs(o.k - c.k), m.value) for o, m in self._choice.items()
-                if o.schedule == c.schedule and m.samples >= self.min_own]
-        if not near:
-            return self._schedule[c.schedule].value
-        d = min(dist for dist, _ in near)
-        return float(np.mean([v for dist, v in near if dist == d]))
+    def correction_of(self, c: Choice, n: int | None = None) -> float:
+        """Predicted / measured tick time of `c` with n running requests (default: at the last score)."""
+        return self.corrections.of(c, self._scored_n if n is None else n)
 
-    def observe(self, choice: Choice, ms: float, ticks: int = 1, predicted_ms: float | None = None) -> None:
+    def observe(self, choice: Choice, ms: float, ticks: int = 1, predicted_ms: float | None = None,
+                n: int | None = None) -> None:
         """`ticks` ticks of `choice` took `ms` in all: move its corrections (predicted / measured tick time, its own
         and its schedule's) towards what they measured (`Measured`). The prediction is `predicted_ms` where the caller
         computed it from the shapes the tick ran (`tick_ms`), else the choice's expected cycle at the last score.
         Time, not tokens per second, is what is corrected: how many tokens a tick yields is the acceptance estimates'
         job, and folding their early errors in here would bias the correction for good. The first tick after a change
         of schedule is not steady (psd's first tick drafts before it can overlap, draft-ahead's has nothing drafted
-        ahead yet), so it does not count; a change of k alone keeps the tick steady."""
+        ahead yet), so it does not count; a change of k alone keeps the tick steady. `n`: the requests the tick ran
+        (default: as many as at the last score)."""
         predicted = predicted_ms if predicted_ms is not None else self._tick_ms.get(choice, 0.0)  # per tick
         if self.fixed is None and predicted > 0 and ms > 0 and self._run >= 2:
             ratio = min(2.0, max(0.25, predicted * ticks / ms))
-            self._schedule[choice.schedule].update(ratio)
-            self._choice.setdefault(choice, Measured(self.weight)).update(ratio)
+            self.corrections.update(choice, self._scored_n if n is None else n, ratio)
 
     def _unmeasured_neighbours(self, scores: list[tuple[float, Choice]]) -> list[Choice]:
         """Once the current choice is measured (`min_own` ticks): its k - 1 and k + 1 not yet measured, where
         predicted within `probe_within` of the best. Each is probed once (its first tick does not count if it
         changes schedule; it is not repeated), so this climbs to the best measured k and stops."""
-        cur = self._choice.get(self.current)
-        if self.current.schedule == "ar" or cur is None or cur.samples < self.min_own:
+        n, b = self._scored_n, bucket(self._scored_n)
+        if self.current.schedule == "ar" or not self.corrections.measured(self.current, n):
             return []
         top, by = scores[0][0], {c: t for t, c in scores}
-        out = [c for c in self._neighbours(self.current)[0] if c not in self._climbed and
-               by.get(c, 0.0) >= self.probe_within * top and self._choice.get(c, Measured()).samples < self.min_own]
-        self._climbed.update(out)
+        out = [c for c in self._neighbours(self.current)[0] if (c, b) not in self._climbed and
+               by.get(c, 0.0) >= self.probe_within * top and not self.corrections.measured(c, n)]
+        self._climbed.update((c, b) for c in out)
         return out
 
     def _worth_probing(self, scores: list[tuple[float, Choice]], within: float) -> list[Choice]:
@@ -337,7 +306,7 @@ class Controller:
         top, out = scores[0][0], []
         for tps, c in scores:
             if c.schedule != self.current.schedule and tps >= within * top and \
-                    self._schedule[c.schedule].samples < 1.0 / self.weight and \
+                    self.corrections.schedule_samples(c.schedule, self._scored_n) < 1.0 / self.weight and \
                     all(o.schedule != c.schedule for o in out):
                 out.append(c)
         return out

@@ -1,0 +1,106 @@
+"""What the cost model gets wrong, learnt from measured ticks: predicted / measured tick time, per choice and batch
+size.
+
+The cost model (costs.py) predicts each step from its shape; what it cannot see (the router's and the client's own CPU
+on shared cores, both services computing at once, a schedule's extra calls) shows up as a ratio between the time a
+tick was predicted to take and what it took. The ratio is kept per (schedule, k), because how a tick grows with k is
+what the model gets most wrong on shared cores, and per batch-size bucket (1, 2-3, 4-7, ... 64+ requests), because
+the error grows with the batch: on the demo pair, sd's ratio was 1.13-1.24 on the last ticks of a drained wave (one
+or two requests) and 0.9 at 32, and applied at 32 the small-batch ratio made auto switch psd to sd there. A choice
+not measured in its bucket borrows: its schedule's nearest measured k in the bucket, else the schedule's ratio in
+the bucket, else the same from the nearest bucket that has one.
+Pure: no servers (tests/test_policy.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Hashable, Protocol
+
+import numpy as np
+
+
+class Choice(Hashable, Protocol):
+    """What a correction is kept for: policy.Choice."""
+
+    schedule: str
+    k: int
+
+BUCKETS = 7  # 1, 2-3, 4-7, 8-15, 16-31, 32-63, 64+ running requests
+
+
+def bucket(n: int) -> int:
+    return min(max(int(n), 1).bit_length() - 1, BUCKETS - 1)
+
+
+@dataclass
+class Measured:
+    """A correction learnt from measured ticks: the median of the first `1 / weight` ratios (one slow tick must not
+    rule a choice out), then a running mean with that weight (the machine drifts)."""
+
+    weight: float = 0.05
+    value: float = 1.0
+    ratios: list[float] = field(default_factory=list)  # the first 1 / weight ratios; how many says how well measured
+
+    @property
+    def samples(self) -> int:
+        return len(self.ratios)
+
+    def update(self, ratio: float) -> None:
+        if len(self.ratios) < 1.0 / self.weight:
+            self.ratios.append(ratio)
+            self.value = float(np.median(self.ratios))
+        else:
+            self.value += self.weight * (ratio - self.value)
+
+
+class Corrections:
+    """The ratios of one lane. A choice's own ratio counts once it has `min_own` samples."""
+
+    def __init__(self, weight: float = 0.05, min_own: int = 3):
+        self.weight, self.min_own = weight, min_own
+        self._choice: dict[tuple[Choice, int], Measured] = {}
+        self._schedule: dict[tuple[str, int], Measured] = {}
+
+    def update(self, choice: Choice, n: int, ratio: float) -> None:
+        b = bucket(n)
+        self._schedule.setdefault((choice.schedule, b), Measured(self.weight)).update(ratio)
+        self._choice.setdefault((choice, b), Measured(self.weight)).update(ratio)
+
+    def samples(self, choice: Choice, n: int) -> int:
+        own = self._choice.get((choice, bucket(n)))
+        return own.samples if own is not None else 0
+
+    def schedule_samples(self, schedule: str, n: int) -> int:
+        m = self._schedule.get((schedule, bucket(n)))
+        return m.samples if m is not None else 0
+
+    def measured(self, choice: Choice, n: int) -> bool:
+        return self.samples(choice, n) >= self.min_own
+
+    def of(self, c: Choice, n: int) -> float:
+        """Predicted / measured tick time of `c` with n running requests (the module says how it borrows)."""
+        b0 = bucket(n)
+        for b in sorted(range(BUCKETS), key=lambda b: (abs(b - b0), b)):
+            own = self._choice.get((c, b))
+            if own is not None and own.samples >= self.min_own:
+                return own.value
+            near = [(abs(o.k - c.k), m.value) for (o, ob), m in self._choice.items()
+                    if ob == b and o.schedule == c.schedule and m.samples >= self.min_own]
+            if near:
+                d = min(dist for dist, _ in near)
+                return float(np.mean([v for dist, v in near if dist == d]))
+            sched = self._schedule.get((c.schedule, b))
+            if sched is not None and sched.samples:
+                return sched.value
+        return 1.0
+
+    def by_schedule(self, schedules: tuple[str, ...], n: int) -> dict[str, float]:
+        """Each schedule's ratio in n's bucket, or the nearest bucket's (what the lane's log shows)."""
+        out = {}
+        for s in schedules:
+            b0 = bucket(n)
+            found = [m.value for b in sorted(range(BUCKETS), key=lambda b: (abs(b - b0), b))
+                     if (m := self._schedule.get((s, b))) is not None and m.samples]
+            out[s] = found[0] if found else 1.0
+        return out
