@@ -351,3 +351,21 @@ def test_corrections_are_kept_per_batch_size():
     assert c.of(sd4, 32) == pytest.approx(0.9)  # the nearest measured k in its own bucket, before another bucket
     assert c.of(sd4, 1) == pytest.approx(1.2) and c.measured(sd4, 1) and not c.measured(sd4, 32)
     assert c.by_schedule(("sd", "psd"), 40) == {"sd": pytest.approx(0.9), "psd": 1.0}
+
+
+def test_no_k_climb_while_the_batch_moves_between_buckets():
+    # Poisson arrivals at 4-6 req/s on the demo pair: the batch moves between 2-3, 4-7 and 8-15 requests every few
+    # ticks. A k climb in every bucket it passes was a quarter of auto's ticks; it climbs where the batch stays.
+    costs = costs_for(0.3, 0.5, 3.0, 12.0)
+
+    def explored(sizes):
+        ctl = Controller(8, explore=0.0, seed=1)
+        count = 0
+        for tick in range(200):
+            c = ctl.choose(view(sizes(tick), 0.85), costs)
+            ctl.observe(c, ctl._tick_ms[c], n=sizes(tick))
+            count += ctl.explored  # probes and k climbs (no random exploration here)
+        return count
+
+    steady, moving = explored(lambda t: 8), explored(lambda t: (2, 5, 9)[t // 3 % 3])
+    assert moving + 6 <= steady, (moving, steady)  # the same probes of other schedules, no climb of k

@@ -183,6 +183,7 @@ class Controller:
         self._tick_ms: dict[Choice, float] = {}  # the cost model's time per tick of each choice, at the last score
         self.switched: tuple | None = None  # (from, to, top scores) when the last re-score changed the choice
         self._scored_n, self._age = -1, 0
+        self._in_bucket = 0  # ticks in a row with the batch in the current batch-size bucket
         self._rng = random.Random(seed)
 
     def choose(self, view: LaneView | Callable[[], LaneView], costs: CostModel, drafter: bool = True,
@@ -204,6 +205,7 @@ class Controller:
         self._since_switch += 1
         self._lived += 1
         n = view.n if isinstance(view, LaneView) else n
+        self._in_bucket = self._in_bucket + 1 if self._scored_n >= 0 and bucket(n) == bucket(self._scored_n) else 1
         if n != self._scored_n or self._age >= self.every or self.current is None:
             view = view if isinstance(view, LaneView) else view()
             predicted = cycles(view, costs, self.options)
@@ -237,7 +239,11 @@ class Controller:
                 self._probes = self._worth_probing(scores, within)[:None if first else 1]
                 self._next_probe = self._lived + self.reprobe * 2 ** self._rounds
                 self._rounds += 1
-            if self._exploring is None and not self._probes and self._lived >= self.every:
+            # The k climb runs in a bucket the batch has stayed in for `every` ticks: under arrivals the batch moves
+            # between buckets every few ticks, and climbing in each of them was a quarter of auto's ticks at 4-6
+            # req/s on the demo pair (the occasional exploration still measures neighbours there).
+            if self._exploring is None and not self._probes and self._lived >= self.every and \
+                    self._in_bucket >= self.every:
                 self._probes = self._unmeasured_neighbours(scores)
         if self._exploring is None and self._probes:
             # Measure a choice the model rates close to the best; re-score when the probe is over. Another schedule
