@@ -26,11 +26,18 @@ class Choice(Hashable, Protocol):
     schedule: str
     k: int
 
+
 BUCKETS = 7  # 1, 2-3, 4-7, 8-15, 16-31, 32-63, 64+ running requests
 
 
 def bucket(n: int) -> int:
     return min(max(int(n), 1).bit_length() - 1, BUCKETS - 1)
+
+
+def nearest_first(n: int) -> list[int]:
+    """Every bucket, n's first, then by distance from it (the smaller first at equal distance)."""
+    b0 = bucket(n)
+    return sorted(range(BUCKETS), key=lambda b: (abs(b - b0), b))
 
 
 @dataclass
@@ -55,20 +62,22 @@ class Measured:
 
 
 class Corrections:
-    """The ratios of one lane. A choice's own ratio counts once it has `min_own` samples."""
+    """The ratios of one lane. A choice's own ratio counts once it has `min_own` samples. Kept by (schedule, bucket),
+    then k: borrowing a neighbouring k looks at a schedule's few k in one bucket, not at every ratio learnt (a score
+    of every choice asks for 33 of them, on every tick whose batch changed size)."""
 
     def __init__(self, weight: float = 0.05, min_own: int = 3):
         self.weight, self.min_own = weight, min_own
-        self._choice: dict[tuple[Choice, int], Measured] = {}
-        self._schedule: dict[tuple[str, int], Measured] = {}
+        self._k: dict[tuple[str, int], dict[int, Measured]] = {}  # (schedule, bucket) -> k -> its own ratio
+        self._schedule: dict[tuple[str, int], Measured] = {}  # (schedule, bucket) -> over all its k
 
     def update(self, choice: Choice, n: int, ratio: float) -> None:
-        b = bucket(n)
-        self._schedule.setdefault((choice.schedule, b), Measured(self.weight)).update(ratio)
-        self._choice.setdefault((choice, b), Measured(self.weight)).update(ratio)
+        key = (choice.schedule, bucket(n))
+        self._schedule.setdefault(key, Measured(self.weight)).update(ratio)
+        self._k.setdefault(key, {}).setdefault(choice.k, Measured(self.weight)).update(ratio)
 
     def samples(self, choice: Choice, n: int) -> int:
-        own = self._choice.get((choice, bucket(n)))
+        own = self._k.get((choice.schedule, bucket(n)), {}).get(choice.k)
         return own.samples if own is not None else 0
 
     def schedule_samples(self, schedule: str, n: int) -> int:
@@ -80,13 +89,12 @@ class Corrections:
 
     def of(self, c: Choice, n: int) -> float:
         """Predicted / measured tick time of `c` with n running requests (the module says how it borrows)."""
-        b0 = bucket(n)
-        for b in sorted(range(BUCKETS), key=lambda b: (abs(b - b0), b)):
-            own = self._choice.get((c, b))
+        for b in nearest_first(n):
+            ks = self._k.get((c.schedule, b), {})
+            own = ks.get(c.k)
             if own is not None and own.samples >= self.min_own:
                 return own.value
-            near = [(abs(o.k - c.k), m.value) for (o, ob), m in self._choice.items()
-                    if ob == b and o.schedule == c.schedule and m.samples >= self.min_own]
+            near = [(abs(k - c.k), m.value) for k, m in ks.items() if m.samples >= self.min_own]
             if near:
                 d = min(dist for dist, _ in near)
                 return float(np.mean([v for dist, v in near if dist == d]))
@@ -99,8 +107,6 @@ class Corrections:
         """Each schedule's ratio in n's bucket, or the nearest bucket's (what the lane's log shows)."""
         out = {}
         for s in schedules:
-            b0 = bucket(n)
-            found = [m.value for b in sorted(range(BUCKETS), key=lambda b: (abs(b - b0), b))
-                     if (m := self._schedule.get((s, b))) is not None and m.samples]
+            found = [m.value for b in nearest_first(n) if (m := self._schedule.get((s, b))) is not None and m.samples]
             out[s] = found[0] if found else 1.0
         return out

@@ -74,6 +74,18 @@ class LaneView:
         return len(self.contexts)
 
 
+def tick_ms(costs: CostModel, verified: tuple[int, float, int], first: tuple[int, float, int] = (0, 0.0, 0),
+            overlapped: tuple[int, float, int] = (0, 0.0, 0)) -> float:
+    """The cost model's time of one tick that ran these shapes, each (sequences, their summed cached lengths, tokens
+    or drafts each): a draft step made `first` (sd's draft, draft-ahead's misses, psd's first tick), then a verify
+    and, overlapped with it, another draft step (psd's other batch, draft-ahead's drafts ahead). `cycle` builds a
+    schedule's expected ticks from it; the lane prices the tick that ran with it, so that a correction does not learn
+    how one tick's shapes differed from the average (psd's batches unequal while a wave drains, draft-ahead's
+    misses)."""
+    return costs.draft_ms(*first) + max(costs.verify_ms(*verified), costs.draft_ms(*overlapped)) + \
+        costs.tick_overhead.value
+
+
 def cycle(choice: Choice, view: LaneView, costs: CostModel, yields: np.ndarray | None = None,
           hits: np.ndarray | None = None) -> tuple[float, float, int]:
     """(expected tokens, ms, ticks) of one cycle of `choice` on these requests: a tick, or psd's two (one per batch).
@@ -86,33 +98,19 @@ def cycle(choice: Choice, view: LaneView, costs: CostModel, yields: np.ndarray |
     ctx = view.contexts
     total, over = float(ctx.sum()), costs.tick_overhead.value
     if choice.schedule == "ar":
-        return float(n), costs.verify_ms(n, total, 1) + over, 1
+        return float(n), tick_ms(costs, (n, total, 1)), 1
     tokens = float((yields if yields is not None else expected_tokens(view.alphas, k))[:, k].sum())
     if choice.schedule == "sd" or (choice.schedule == "psd" and n < 2):
-        return tokens, costs.draft_ms(n, total, k) + costs.verify_ms(n, total, k + 1) + over, 1
-    if choice.schedule == "psd":
-        na, nb = (n + 1) // 2, n // 2
-        ca, cb = total * na / n, total * nb / n
-        tick_a = max(costs.draft_ms(nb, cb, k), costs.verify_ms(na, ca, k + 1)) + over
-        tick_b = max(costs.draft_ms(na, ca, k), costs.verify_ms(nb, cb, k + 1)) + over
-        return tokens, tick_a + tick_b, 2
+        return tokens, tick_ms(costs, (n, total, k + 1), first=(n, total, k)), 1
+    if choice.schedule == "psd":  # two ticks, each verifying one half while the other is drafted
+        a, b = ((n + 1) // 2, total * ((n + 1) // 2) / n), (n // 2, total * (n // 2) / n)
+        return tokens, tick_ms(costs, (*a, k + 1), overlapped=(*b, k)) + \
+            tick_ms(costs, (*b, k + 1), overlapped=(*a, k)), 2
     # ahead: the next k (plus a guess of the target's token) drafted during the verify; misses re-draft first
     hit = hits[:, k - 1] if hits is not None else all_accepted(view.alphas, k)
     misses = max(1, int(round(float((1 - hit).sum()))))
     t_miss = (1.0 - float(np.prod(hit))) * costs.draft_ms(misses, total * misses / n, k)
     return tokens, max(costs.verify_ms(n, total, k + 1), costs.draft_ms(n, total + n * k, k + 1)) + t_miss + over, 1
-
-
-def tick_ms(costs: CostModel, verified: tuple[int, float, int], first: tuple[int, float, int] = (0, 0.0, 0),
-            overlapped: tuple[int, float, int] = (0, 0.0, 0)) -> float:
-    """The cost model's time of one tick that ran these shapes, each (sequences, their summed cached lengths, tokens
-    or drafts each): a draft step made `first` (sd's draft, draft-ahead's misses, psd's first tick), then a verify
-    and, overlapped with it, another draft step (psd's other batch, draft-ahead's drafts ahead). What a tick was
-    predicted to cost is taken from what it ran, not from the schedule's expected cycle, so that its correction does
-    not learn how this tick's shapes differed from the average (psd's batches unequal while a wave drains,
-    draft-ahead's misses)."""
-    return costs.draft_ms(*first) + max(costs.verify_ms(*verified), costs.draft_ms(*overlapped)) + \
-        costs.tick_overhead.value
 
 
 def throughput(choice: Choice, view: LaneView, costs: CostModel, yields: np.ndarray | None = None,
@@ -172,7 +170,6 @@ class Controller:
         self._since_switch = 0  # ticks since `current` last changed schedule
         # Predicted / measured tick time, per choice and batch-size bucket (corrections.py).
         self.corrections = Corrections(weight, min_own)
-        self.min_own = min_own
         self._climbed: set[tuple[Choice, int]] = set()  # (neighbour, bucket) of a current choice already probed
         self._last, self._run = Choice("ar"), 0  # the last choice returned and how many ticks its schedule has run
         self.options = candidates(k_max, schedules)
