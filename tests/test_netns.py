@@ -246,7 +246,8 @@ def test_network_leaves_nothing_when_a_test_fails():
 # ---- plaintext between the hosts ----------------------------------------------------------------------------------
 class TestAcrossHosts:
     @pytest.fixture(scope="class")
-    def cluster(self, tmp_path_factory):
+    @staticmethod
+    def cluster(tmp_path_factory):
         with running(tmp_path_factory.mktemp("netns-plain"), mode="psd", router_args=ROUTER_ARGS) as c:
             yield c
 
@@ -290,7 +291,8 @@ def pki(tmp_path_factory):
 
 class TestTLSAcrossHosts:
     @pytest.fixture(scope="class", params=["tls", "mtls"])
-    def cluster(self, request, pki, tmp_path_factory):
+    @staticmethod
+    def cluster(request, pki, tmp_path_factory):
         mutual = request.param == "mtls"
         tls = netns.HostTLS(str(pki["ca"]), str(pki["service"]), str(pki["service-key"]),
                             *((str(pki["router-client"]), str(pki["router-client-key"])) if mutual else ()))

@@ -132,7 +132,17 @@ class ModelClient:
         return self.info
 
     async def probe(self, request: pb.ProbeRequest) -> pb.ProbeReply:
-        return await self.stub.ProbeTransport(request, timeout=10)
+        """One transport-negotiation call. No answer in time means a lost replica, as for a step: the connection may be
+        half-open (a black-holed link, a frozen process), so it is dropped and the next call dials again."""
+        try:
+            return await self.stub.ProbeTransport(request, timeout=min(10.0, self.timeout_s))
+        except grpc.aio.AioRpcError as exc:
+            self._end_session()  # the router forgets this replica's caches: the replica frees them once it can
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                self._redial()
+            self.mark_down(f"a transport probe failed: {exc.code().name}")
+            raise ServiceError(exc.code(), f"{self.kind} {self.address}: transport probe: {exc.details()}", lost=True,
+                               source=self.kind) from exc
 
     async def step(self, request):
         """Send one step (a DrafterRequest or VerifierRequest, step_id filled in here) and await its answer."""
@@ -148,13 +158,11 @@ class ModelClient:
             except asyncio.CancelledError:
                 # Our caller was cancelled mid-exchange (shutdown): grpc cancels the whole stream with the pending
                 # read, so the next step needs a new session. Nothing is wrong with the replica.
-                self._session.cancel()
-                self._session = None
+                self._end_session()
                 raise
             except (grpc.aio.AioRpcError, asyncio.TimeoutError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
                 # InvalidStateError: "RPC already finished", the session ended under us (peer gone, shutdown)
-                self._session.cancel()
-                self._session = None
+                self._end_session()
                 code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else grpc.StatusCode.UNAVAILABLE
                 if isinstance(exc, asyncio.TimeoutError) or code == grpc.StatusCode.DEADLINE_EXCEEDED:
                     self._redial()
@@ -172,14 +180,20 @@ class ModelClient:
                 raise ServiceError(_status(resp.error.code), resp.error.message)
             return resp
 
+    def _end_session(self) -> None:
+        """Cancel the step stream. The replica frees every sequence and buffer the stream held when it sees the cancel
+        (a frozen one, once it runs again), which matches what the router assumes of a lost replica: caches gone."""
+        session, self._session = self._session, None
+        if session is not None:
+            session.cancel()
+
     async def _exchange(self, request):
-        await self._session.write(request)
-        return await self._session.read()
+        session = self._session  # a probe that fails meanwhile may end it: this exchange then fails, as it should
+        await session.write(request)
+        return await session.read()
 
     async def close(self) -> None:
         for task in list(self._closing):
             task.cancel()
-        if self._session is not None:
-            self._session.cancel()
-            self._session = None
+        self._end_session()
         await self.channel.close()

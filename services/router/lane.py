@@ -667,7 +667,9 @@ class Lane:
         try:
             await self.verifier.wait_ready(wait_s, quiet=True)
             if self.drafter is not None and self.drafter_up:
-                self.transport = await negotiate(self.drafter, self.verifier, self.cfg.transport)
+                await self._renegotiate()
+        except ServiceError:
+            raise
         except (TimeoutError, Exception) as wait_exc:  # noqa: BLE001 - any failure here means: give up on them
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"verifier unavailable: {wait_exc}") from wait_exc
         finally:
@@ -676,6 +678,17 @@ class Lane:
         self.releases.verifier_lost()
         for r in self.batches[0] + self.batches[1]:
             r.seq.reset_cache("target")
+
+    async def _renegotiate(self) -> None:
+        """The verifier is back (perhaps a new process): agree on the transport again. A drafter that does not answer
+        the probe is lost as if its step had failed (target-only until it is back): the requests the verifier came
+        back for must not fail for it. Its connection may have died in the same outage while it had nothing to do."""
+        try:
+            self.transport = await negotiate(self.drafter, self.verifier, self.cfg.transport)
+        except ServiceError as exc:
+            if exc.source != "drafter":
+                raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"verifier unavailable: {exc}") from exc
+            self._drafter_lost(exc)
 
     def _set_verifier_down(self, down: bool) -> None:
         self.verifier_down = down

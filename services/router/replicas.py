@@ -213,8 +213,11 @@ class ReplicaPool:
         while True:
             await asyncio.sleep(every_s)
             clients = list(self.verifiers.values())
+            channels = [c.channel for c in clients]
             states = await asyncio.gather(*(c.health(timeout_s=every_s) for c in clients))
-            for client, state in zip(clients, states):
+            for client, channel, state in zip(clients, channels, states):
+                if client.channel is not channel:  # re-dialled meanwhile: this answer is about a dropped connection
+                    continue
                 slow[client.address] = slow.get(client.address, 0) + 1 if state == "DEADLINE_EXCEEDED" else 0
                 if state == "SERVING":
                     client.mark_up()
