@@ -154,8 +154,8 @@ def run(args) -> int:
 
     ks = [int(x) for x in args.ks.split(",")]
     cfgs = configs(ks, [m for m in args.extra_modes.split(",") if m])
-    if args.only:  # a subset of the fixed configurations (auto always runs)
-        keep = set(args.only.split(","))
+    if args.only:  # a subset of the fixed configurations (auto always runs, and ar: the summary's baseline)
+        keep = set(args.only.split(",")) | {"ar"}
         cfgs = [c for c in cfgs if c[0] in keep or c[1] == "auto"]
     tok = load_tokenizer(args.target)
     pool = prompts(tok, args.prompts, 512, args.max_prompt_tokens)
@@ -390,7 +390,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     b.add_argument("--ks", default=",".join(map(str, DEFAULT_KS)))
     b.add_argument("--extra-modes", default="", help="more pinned modes to compare, e.g. ahead")
     b.add_argument("--only", default="", help="run only these fixed configurations (names as in the tables, e.g. "
-                   "ar,psd/k=4), plus auto: for quick comparisons, not for the evidence")
+                   "psd/k=4,sd/k=6), plus ar and auto: for quick comparisons, not for the evidence")
     b.add_argument("--rates", default="", help="Poisson offered loads (requests/s) for the latency sweep")
     b.add_argument("--rate-requests", type=int, default=48)
     b.add_argument("--rate-batch", type=int, default=16, help="batch limit in the rate sweep")
