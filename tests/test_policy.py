@@ -344,13 +344,16 @@ def test_corrections_are_kept_per_batch_size():
     sd4, sd6, psd4 = Choice("sd", 4), Choice("sd", 6), Choice("psd", 4)
     for _ in range(3):
         c.update(sd4, 1, 1.2)
-    assert c.of(sd4, 32) == pytest.approx(1.2) and c.of(sd6, 1) == pytest.approx(1.2)  # borrowed
-    assert c.of(psd4, 32) == 1.0  # nothing measured for psd anywhere
+    assert c.of(sd6, 1) == pytest.approx(1.2)  # borrowed from sd/k=4 in the same bucket
+    assert c.of(sd4, 32) == 1.0  # from another bucket a ratio may say slower, never faster
+    c.update(psd4, 1, 0.7)
+    assert c.of(psd4, 32) == pytest.approx(0.7)
+    assert c.of(Choice("ahead", 4), 32) == 1.0  # nothing measured for draft-ahead anywhere
     for _ in range(3):
         c.update(sd6, 32, 0.9)
     assert c.of(sd4, 32) == pytest.approx(0.9)  # the nearest measured k in its own bucket, before another bucket
     assert c.of(sd4, 1) == pytest.approx(1.2) and c.measured(sd4, 1) and not c.measured(sd4, 32)
-    assert c.by_schedule(("sd", "psd"), 40) == {"sd": pytest.approx(0.9), "psd": 1.0}
+    assert c.by_schedule(("sd", "psd"), 40) == {"sd": pytest.approx(0.9), "psd": pytest.approx(0.7)}
 
 
 def test_no_k_climb_while_the_batch_moves_between_buckets():

@@ -8,7 +8,10 @@ what the model gets most wrong on shared cores, and per batch-size bucket (1, 2-
 the error grows with the batch: on the demo pair, sd's ratio was 1.13-1.24 on the last ticks of a drained wave (one
 or two requests) and 0.9 at 32, and applied at 32 the small-batch ratio made auto switch psd to sd there. A choice
 not measured in its bucket borrows: its schedule's nearest measured k in the bucket, else the schedule's ratio in
-the bucket, else the same from the nearest bucket that has one.
+the bucket, else the same from the nearest bucket that has one, capped at 1: a ratio learnt at another batch size may
+say a choice is slower than its model there, never faster (sd's ticks on a draining wave, 9 to 1 requests, were 1.45x
+faster than predicted; borrowed at 16 that made auto run sd/k=5 for 14 ticks of 30-50 ms where psd's took 15, 12%
+of a 128-request run, until its own ratio at 16 was measured).
 Pure: no servers (tests/test_policy.py).
 """
 
@@ -89,19 +92,24 @@ class Corrections:
 
     def of(self, c: Choice, n: int) -> float:
         """Predicted / measured tick time of `c` with n running requests (the module says how it borrows)."""
+        home = bucket(n)
         for b in nearest_first(n):
-            ks = self._k.get((c.schedule, b), {})
-            own = ks.get(c.k)
-            if own is not None and own.samples >= self.min_own:
-                return own.value
-            near = [(abs(k - c.k), m.value) for k, m in ks.items() if m.samples >= self.min_own]
-            if near:
-                d = min(dist for dist, _ in near)
-                return float(np.mean([v for dist, v in near if dist == d]))
-            sched = self._schedule.get((c.schedule, b))
-            if sched is not None and sched.samples:
-                return sched.value
+            found = self._in_bucket(c, b)
+            if found is not None:
+                return found if b == home else min(found, 1.0)
         return 1.0
+
+    def _in_bucket(self, c: Choice, b: int) -> float | None:
+        ks = self._k.get((c.schedule, b), {})
+        own = ks.get(c.k)
+        if own is not None and own.samples >= self.min_own:
+            return own.value
+        near = [(abs(k - c.k), m.value) for k, m in ks.items() if m.samples >= self.min_own]
+        if near:
+            d = min(dist for dist, _ in near)
+            return float(np.mean([v for dist, v in near if dist == d]))
+        sched = self._schedule.get((c.schedule, b))
+        return sched.value if sched is not None and sched.samples else None
 
     def by_schedule(self, schedules: tuple[str, ...], n: int) -> dict[str, float]:
         """Each schedule's ratio in n's bucket, or the nearest bucket's (what the lane's log shows)."""
