@@ -37,10 +37,12 @@ def bucket(n: int) -> int:
     return min(max(int(n), 1).bit_length() - 1, BUCKETS - 1)
 
 
-def nearest_first(n: int) -> list[int]:
+def nearest_first(n: int) -> tuple[int, ...]:
     """Every bucket, n's first, then by distance from it (the smaller first at equal distance)."""
-    b0 = bucket(n)
-    return sorted(range(BUCKETS), key=lambda b: (abs(b - b0), b))
+    return _NEAREST[bucket(n)]
+
+
+_NEAREST = [tuple(sorted(range(BUCKETS), key=lambda b, b0=b0: (abs(b - b0), b))) for b0 in range(BUCKETS)]
 
 
 @dataclass

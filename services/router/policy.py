@@ -181,6 +181,7 @@ class Controller:
         self.predicted = 0.0  # tokens/s the current choice is predicted to give
         self.explored = False  # the last choice was an exploration
         self._scores: dict[Choice, float] = {}
+        self._cached: dict[int, tuple] = {}  # batch size -> (tick scored, tick ms, scores): a swinging batch's sizes
         self._best_of: dict[str, tuple[float, Choice]] = {}  # each schedule's best (score, choice) at the last score
         self._edge: dict[str, float] = {}  # running mean of log(schedule's best / best of all): `_follow`
         self._tick_ms: dict[Choice, float] = {}  # the cost model's time per tick of each choice, at the last score
@@ -215,14 +216,20 @@ class Controller:
         moved = bucket(n) != bucket(self._scored_n) or abs(n - self._scored_n) > self._scored_n // 8
         rescored = moved or self._age >= self.every or self.current is None
         if rescored:
-            view = view if isinstance(view, LaneView) else view()
-            predicted = cycles(view, costs, self.options)
-            self._tick_ms = {c: ms / ticks for c, (_, ms, ticks) in predicted.items()}
-            # With fewer than 2 requests psd runs one batch, as sd: it is scored as sd (its correction too), so a
-            # moment at one request (a wave draining) does not switch psd to sd and back.
-            scores = sorted(((1e3 * tokens / ms * self.correction_of(Choice("sd", c.k) if c.schedule == "psd" and
-                                                                     n < 2 else c, n), c)
-                             for c, (tokens, ms, _) in predicted.items()), key=lambda tc: -tc[0])
+            # A batch swinging between sizes (4, 4, 4, 3, ...) re-uses a size's scores for `every` ticks.
+            hit = self._cached.get(n)
+            if hit is not None and self._age < self.every and self._lived - hit[0] < self.every:
+                _, self._tick_ms, scores = hit
+            else:
+                view = view if isinstance(view, LaneView) else view()
+                predicted = cycles(view, costs, self.options)
+                self._tick_ms = {c: ms / ticks for c, (_, ms, ticks) in predicted.items()}
+                # With fewer than 2 requests psd runs one batch, as sd: it is scored as sd (its correction too), so
+                # a moment at one request (a wave draining) does not switch psd to sd and back.
+                scores = sorted(((1e3 * tokens / ms * self.correction_of(Choice("sd", c.k) if c.schedule == "psd"
+                                                                         and n < 2 else c, n), c)
+                                 for c, (tokens, ms, _) in predicted.items()), key=lambda tc: -tc[0])
+                self._cached[n] = (self._lived, self._tick_ms, scores)
             self._scores, self._scored_n, self._age = {c: t for t, c in scores}, n, 0
             self._best_of = {}
             for tps, c in scores:  # each schedule's best k (scores are sorted)
@@ -266,6 +273,7 @@ class Controller:
             picked = self._exploring
             if self._explore_left <= 0:  # what it measured counts at once: re-score on the next tick
                 self._exploring, self._age = None, self.every
+                self._cached.clear()
             self.explored = True
             return picked
         return self.current
