@@ -96,12 +96,12 @@ class Corrections:
         """Predicted / measured tick time of `c` with n running requests (the module says how it borrows)."""
         home = bucket(n)
         for b in nearest_first(n):
-            found = self._in_bucket(c, b)
+            found = self._lookup(c, b)
             if found is not None:
                 return found if b == home else min(found, 1.0)
         return 1.0
 
-    def _in_bucket(self, c: Choice, b: int) -> float | None:
+    def _lookup(self, c: Choice, b: int) -> float | None:
         ks = self._k.get((c.schedule, b), {})
         own = ks.get(c.k)
         if own is not None and own.samples >= self.min_own:

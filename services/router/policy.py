@@ -181,7 +181,7 @@ class Controller:
         self.predicted = 0.0  # tokens/s the current choice is predicted to give
         self.explored = False  # the last choice was an exploration
         self._scores: dict[Choice, float] = {}
-        self._cached: dict[int, tuple] = {}  # batch size -> (tick scored, tick ms, scores): a swinging batch's sizes
+        self._cached: dict[int, tuple] = {}  # batch size -> (tick scored, tick ms, scores, by choice, best of each)
         self._best_of: dict[str, tuple[float, Choice]] = {}  # each schedule's best (score, choice) at the last score
         self._edge: dict[str, float] = {}  # running mean of log(schedule's best / best of all): `_follow`
         self._tick_ms: dict[Choice, float] = {}  # the cost model's time per tick of each choice, at the last score
@@ -219,7 +219,7 @@ class Controller:
             # A batch swinging between sizes (4, 4, 4, 3, ...) re-uses a size's scores for `every` ticks.
             hit = self._cached.get(n)
             if hit is not None and self._age < self.every and self._lived - hit[0] < self.every:
-                _, self._tick_ms, scores = hit
+                _, self._tick_ms, scores, self._scores, self._best_of = hit
             else:
                 view = view if isinstance(view, LaneView) else view()
                 predicted = cycles(view, costs, self.options)
@@ -229,11 +229,11 @@ class Controller:
                 scores = sorted(((1e3 * tokens / ms * self.correction_of(Choice("sd", c.k) if c.schedule == "psd"
                                                                          and n < 2 else c, n), c)
                                  for c, (tokens, ms, _) in predicted.items()), key=lambda tc: -tc[0])
-                self._cached[n] = (self._lived, self._tick_ms, scores)
-            self._scores, self._scored_n, self._age = {c: t for t, c in scores}, n, 0
-            self._best_of = {}
-            for tps, c in scores:  # each schedule's best k (scores are sorted)
-                self._best_of.setdefault(c.schedule, (tps, c))
+                self._scores, self._best_of = {c: t for t, c in scores}, {}
+                for tps, c in scores:  # each schedule's best k (scores are sorted)
+                    self._best_of.setdefault(c.schedule, (tps, c))
+                self._cached[n] = (self._lived, self._tick_ms, scores, self._scores, self._best_of)
+            self._scored_n, self._age = n, 0
             if self.current is None:
                 # The first choice is often made for the first request alone (the rest of a wave is still on its
                 # way): it does not hold the schedule for a dwell.
