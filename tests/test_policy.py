@@ -14,7 +14,7 @@ import pytest
 from services.router.acceptance import PositionAcceptance, all_accepted, expected_tokens, request_scale
 from services.router.costs import (CostModel, Ema, LinearCost, decode_shaped, draft_features, draft_forwards,
                                    forward_features, verify_features)
-from services.router.policy import Choice, Controller, LaneView, candidates, ranked, throughput
+from services.router.policy import Choice, Controller, LaneView, candidates, ranked, throughput, tick_ms
 
 
 # ---- costs ----------------------------------------------------------------------------------------------------------
@@ -133,7 +133,9 @@ def test_fixed_controller_and_no_drafter():
 # ---- a simulated lane ----------------------------------------------------------------------------------------------
 class SimLane:
     """True costs and acceptance; measurements with noise, as the services would report them. A tick is simulated
-    as the lane runs it, with psd's two half batches and draft-ahead's re-drafts of the sequences that missed."""
+    as the lane runs it, with psd's two half batches and draft-ahead's re-drafts of the sequences that missed; and,
+    as the lane does, the cost model prices the shapes each tick ran (`predicted`, ms per tick), so a correction
+    learns what the model cannot see, not how many sequences missed this tick."""
 
     def __init__(self, c_draft, c_verify, alphas, n, rng, hidden=None):
         self.c_draft, self.c_verify, self.alphas, self.n, self.rng = c_draft, c_verify, np.array(alphas), n, rng
@@ -171,17 +173,25 @@ class SimLane:
                 acc.observe(k, a)
         tokens = sum(a + 1 for a in accepted)
         over = 0.2
+
+        def shape(seqs, q, extra=0):
+            return len(seqs), float(sum(self.ctx[i] + extra for i in seqs)), q
         if choice.schedule == "ar":
+            self.predicted = tick_ms(costs, shape(every, 1))
             return n, self.verify(every, 0, costs) + over
         if choice.schedule == "psd" and n >= 2:  # two ticks, each verifying one half while drafting the other
             a, b = every[0::2], every[1::2]
+            self.predicted = (tick_ms(costs, shape(a, k + 1), overlapped=shape(b, k)) +
+                              tick_ms(costs, shape(b, k + 1), overlapped=shape(a, k))) / 2
             ms = max(self.draft(b, k, costs), self.verify(a, k, costs)) + \
                 max(self.draft(a, k, costs), self.verify(b, k, costs)) + 2 * over
             return tokens, ms
         if choice.schedule == "ahead":  # re-draft the misses, then verify while drafting ahead for everyone
             missed = [i for i in every if not outcome[i].all()]
+            self.predicted = tick_ms(costs, shape(every, k + 1), shape(missed, k), shape(every, k + 1, extra=k))
             t_miss = self.draft(missed, k, costs)
             return tokens, t_miss + max(self.verify(every, k, costs), self.draft(every, k + 1, costs, extra=k)) + over
+        self.predicted = tick_ms(costs, shape(every, k + 1), shape(every, k))
         return tokens, self.draft(every, k, costs) + self.verify(every, k, costs) + over
 
 
@@ -221,7 +231,8 @@ def run_auto(sim: SimLane, ticks: int, ctl: Controller, measure_from: int) -> tu
     for tick in range(ticks):
         choice = ctl.choose(LaneView(sim.ctx.astype(float), np.tile(acc.rates(), (sim.n, 1))), costs)
         t, m = sim.run(choice, costs, acc)
-        ctl.observe(choice, m, 2 if choice.schedule == "psd" and sim.n >= 2 else 1)  # as the lane times each tick
+        ctl.observe(choice, m, 2 if choice.schedule == "psd" and sim.n >= 2 else 1,  # as the lane times each tick
+                    predicted_ms=sim.predicted)
         choices.append(choice)
         if tick >= measure_from:
             tokens, ms = tokens + t, ms + m
@@ -408,3 +419,41 @@ def test_turnover_swings_of_the_batch_do_not_move_the_schedule_a_lasting_change_
     _, lasting = run(lambda t: 4 if t < 40 else 3, 80)
     assert lasting[39] == "psd" and lasting[-1] == "sd"
     assert lasting.index("sd") <= 40 + 12, lasting.index("sd")
+
+
+def test_a_burst_after_a_quiet_spell_moves_the_schedule_at_once():
+    # The first choice is made for the first request of a burst alone (the rest is on its way), and the averaged
+    # edges describe that one request: following them, auto ran draft-ahead for 8 ticks of 32 requests (37 ms each
+    # where psd's took 25). A batch grown or shrunk 4x is a lasting change: the edges restart from the new batch.
+    costs = costs_for(0.2, 0.5, 5.0, 20.0)
+    ctl = Controller(8, explore=0.0, probe_within=2.0, reprobe=10 ** 6)
+    ctl.choose(view(1, 0.85), costs)
+    assert ctl.current.schedule == "ahead"
+    burst = []
+    for _ in range(8):
+        ctl.choose(view(32, 0.1), costs)
+        burst.append(ctl.current.schedule)
+    assert burst[0] == "ar", burst  # poor acceptance at 32: target-only, from the first tick of the burst
+    assert set(burst) == {"ar"}, burst
+
+
+def test_a_probe_rated_far_worse_waits_until_the_lane_can_pay_for_it():
+    # The real pair at 16 concurrent: a run is ~40 ticks of 1.4-8 s, and its first round of probes, every schedule
+    # the cost model rates within 60% of the best, took 42-44% of it. A probe is now charged its predicted ticks
+    # times its shortfall against the current choice, and probes together stay within a tenth of the time the lane
+    # has run: one rated nearly as good runs at once, one rated far worse waits (but does run: the cost model may
+    # be wrong about it).
+    costs = costs_for(0.2, 0.5, 2.0, 12.0)
+    ctl = Controller(8, schedules=("sd", "psd"), explore=0.0, reprobe=10 ** 6)
+    for _ in range(3):  # sd measured a little: 0.75 of its prediction (too few ticks to rule it out)
+        ctl.corrections.update(Choice("sd", 4), 16, 0.75)
+    probed = {}
+    for tick in range(400):
+        c = ctl.choose(view(16, 0.85), costs)
+        if ctl.explored:
+            probed.setdefault(c.schedule if c.schedule != ctl.current.schedule else "k", tick)
+        ctl.observe(c, ctl._tick_ms[c] / (0.75 if c.schedule == "sd" else 1.0))
+    scores = {s: max(v for c, v in ctl._scores.items() if c.schedule == s) for s in ("sd", "psd")}
+    assert 0.6 < scores["sd"] / scores["psd"] < 0.8, scores
+    assert probed["k"] <= 2 * ctl.every, probed  # the k climb: neighbours rated nearly as good, at once
+    assert 3 * ctl.every < probed["sd"] < 400, probed  # rated 60-80% of the best: later, but it runs

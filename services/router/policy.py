@@ -25,13 +25,18 @@ which does not count), and after `reprobe` ticks, then twice and four times that
 runs again if its corrected score is within `reprobe_within` of the best (probes are paid for inside the run: a
 150-tick benchmark run of the first controller spent 25-36% of its time on them, most on schedules measured ~2x slower
 per tick); and once the current choice is measured, its k - 1 and k + 1 are measured too (a hill climb on measured
-ticks, each neighbour once). So a model that overrates speculation (a compute-bound target whose verify grows with
-every token) cannot keep auto off target-only decoding for good, and one unlucky probe cannot rule a schedule out. A
+ticks, each neighbour once). Probes are paid for out of a budget: each is charged its predicted time times its
+shortfall against the current choice, and together they stay within `probe_budget` of the time the lane has run, so
+a neighbour rated nearly as good is measured at once and a schedule rated far worse waits until the lane has run
+long enough to pay for it (the real pair's ticks are seconds: a first round of probes took 42-44% of a 40-tick run).
+So a model that overrates speculation (a compute-bound target whose verify grows with every token) cannot keep auto
+off target-only decoding for good, and one unlucky probe cannot rule a schedule out. A
 change of schedule also waits `dwell` ticks after the previous one: under arrival-driven load the batch changes every
 few ticks, and each switch costs a non-overlapped first tick. And the schedule is chosen by each schedule's edge
 averaged over the last ~`dwell` ticks, not by the latest score: under turnover the batch swings by a request every
 few ticks (4, 4, 4, 3, ... at 4 concurrent), the best schedule swings with it, and following each swing changed
-the schedule once a dwell (k still follows the latest score at once: a change of k costs nothing).
+the schedule once a dwell (k still follows the latest score at once: a change of k costs nothing). A batch grown or
+shrunk `lasting` times (a burst after a quiet spell, a drained wave) is a lasting change: the mean restarts there.
 Pure: no servers (tests/test_policy.py).
 """
 
@@ -161,11 +166,14 @@ class Controller:
     def __init__(self, k_max: int, schedules: tuple[str, ...] = SCHEDULES, fixed: Choice | None = None,
                  margin: float = 0.05, explore: float = 0.02, explore_ticks: int = 3, every: int = 8, seed: int = 0,
                  probe_within: float = 0.6, probe_ticks: int = 4, reprobe: int = 64, reprobe_within: float = 0.9,
-                 dwell: int = 8, weight: float = 0.05, min_own: int = 3):
+                 dwell: int = 8, weight: float = 0.05, min_own: int = 3, lasting: float = 4.0,
+                 probe_budget: float = 0.08):
         self.fixed, self.margin, self.explore, self.every, self.weight = fixed, margin, explore, every, weight
         self.explore_ticks = explore_ticks  # an exploration holds its choice this many ticks: the first is not steady
         self.probe_within, self.probe_ticks, self.reprobe, self.dwell = probe_within, probe_ticks, reprobe, dwell
-        self.reprobe_within = reprobe_within
+        self.reprobe_within, self.lasting, self.probe_budget = reprobe_within, lasting, probe_budget
+        self._lived_ms = self._spent_ms = 0.0  # measured tick time so far; what probes were predicted to cost of it
+        self._ref_n = 0  # the batch size when the edges were last reset (`_follow`)
         self._rounds = 0  # rounds of probes so far: the gap to the next doubles each time
         self._exploring: Choice | None = None
         self._explore_left = 0
@@ -234,6 +242,13 @@ class Controller:
                     self._best_of.setdefault(c.schedule, (tps, c))
                 self._cached[n] = (self._lived, self._tick_ms, scores, self._scores, self._best_of)
             self._scored_n, self._age = n, 0
+            if n > self.lasting * self._ref_n or self.lasting * n < self._ref_n:
+                # A lasting change of load (a burst after a quiet spell, a wave's drain): the averaged edges describe
+                # another batch, and the schedule follows the new one as soon as its dwell allows. The first choice,
+                # made for the first request of a burst alone, ran draft-ahead for 8 ticks of 32 requests (37 ms
+                # each where psd's took 25) while the mean caught up.
+                self._edge.clear()
+                self._ref_n = n
             if self.current is None:
                 # The first choice is often made for the first request alone (the rest of a wave is still on its
                 # way): it does not hold the schedule for a dwell.
@@ -253,15 +268,18 @@ class Controller:
             # The k climb runs in a bucket the batch has stayed in for `every` ticks: under arrivals the batch moves
             # between buckets every few ticks, and climbing in each of them was a quarter of auto's ticks at 4-6
             # req/s on the demo pair (the occasional exploration still measures neighbours there).
-            if self._exploring is None and not self._probes and self._lived >= self.every and \
+            if self._exploring is None and not self._affordable() and self._lived >= self.every and \
                     self._in_bucket >= self.every:
-                self._probes = self._unmeasured_neighbours(scores)
-        if self._exploring is None and self._probes:
-            # Measure a choice the model rates close to the best; re-score when the probe is over. Another schedule
-            # runs `probe_ticks` (its first tick is not steady), a neighbouring k `explore_ticks`.
+                self._probes = [c for c in self._unmeasured_neighbours(scores) if c not in self._probes] + \
+                    self._probes
+        while self._exploring is None and self._probes and \
+                self._scores.get(self._probes[0], 0.0) < self.probe_within * self._top():
+            self._probes.pop(0)  # no longer worth it (the batch changed since it was queued)
+        if self._exploring is None and self._affordable():
+            # Measure a choice the model rates close to the best; re-score when the probe is over.
             self._exploring = self._probes.pop(0)
-            same = self._exploring.schedule == self.current.schedule
-            self._explore_left = self.explore_ticks if same else self.probe_ticks
+            self._spent_ms += self._probe_cost(self._exploring)
+            self._explore_left = self._probe_ticks(self._exploring)
         elif self._exploring is None and self._rng.random() < self.explore / self.explore_ticks:
             same, other = self._neighbours(self.current)
             # Mostly k +- 1 (free to switch to); another schedule a third of the time (its first tick is not steady).
@@ -278,6 +296,30 @@ class Controller:
             return picked
         return self.current
 
+    def _probe_ticks(self, c: Choice) -> int:
+        """A probe of another schedule than the last tick ran takes `probe_ticks` (its first tick is not steady, and
+        does not count), a neighbouring k `explore_ticks`. A k climb's probe that followed another schedule's probe
+        kept 2 measured ticks, fewer than a measured choice needs, and was never repeated."""
+        return self.explore_ticks if c.schedule == self._last.schedule else self.probe_ticks
+
+    def _top(self) -> float:
+        return max(t for t, _ in self._best_of.values())
+
+    def _probe_cost(self, c: Choice) -> float:
+        """What probing `c` is expected to cost: its ticks' predicted time times its shortfall against the current
+        choice."""
+        ticks = self._probe_ticks(c)
+        shortfall = 1.0 - self._scores.get(c, 0.0) / max(self._scores.get(self.current, 0.0), 1e-9)
+        return ticks * self._tick_ms.get(c, 0.0) / max(self.correction_of(c), 1e-3) * max(shortfall, 0.0)
+
+    def _affordable(self) -> bool:
+        """Whether the next queued probe fits the budget: what probes cost so far stays within `probe_budget` of the
+        time the lane has run. A probe of a choice rated nearly as good costs little and runs at once; one rated far
+        worse waits until the lane has run long enough to pay for it (a run of the real pair at 16 concurrent is
+        ~40 ticks of 1.4-8 s, and its first round of probes took 42-44% of it)."""
+        return bool(self._probes) and \
+            self._spent_ms + self._probe_cost(self._probes[0]) <= self.probe_budget * max(self._lived_ms, 0.0)
+
     def _follow(self) -> None:
         """Each tick: move each schedule's edge (the log of its best score over the best of all, a running mean
         over about `dwell` ticks) and change `current` by it. A schedule changes where another's edge beats the
@@ -289,7 +331,7 @@ class Controller:
         at 3, psd at 4, on the demo pair); following each swing changed the schedule every dwell, 30-40% of the
         ticks of a run ran a schedule's unsteady first tick or its second best. Only a lasting change of load moves
         the mean past the margin (a 20% gain, about 6 ticks)."""
-        top = max(t for t, _ in self._best_of.values())
+        top = self._top()
         for s, (tps, _) in self._best_of.items():
             edge = math.log(max(tps, 1e-9) / max(top, 1e-9))
             old = self._edge.get(s)
@@ -332,6 +374,8 @@ class Controller:
         ahead yet), so it does not count; a change of k alone keeps the tick steady. `n`: the requests the tick ran
         (default: as many as at the last score)."""
         predicted = predicted_ms if predicted_ms is not None else self._tick_ms.get(choice, 0.0)  # per tick
+        if self.fixed is None and ms > 0:
+            self._lived_ms += ms
         if self.fixed is None and predicted > 0 and ms > 0 and self._run >= 2:
             ratio = min(2.0, max(0.25, predicted * ticks / ms))
             self.corrections.update(choice, self._scored_n if n is None else n, ratio)
