@@ -440,7 +440,7 @@ def test_a_burst_after_a_quiet_spell_moves_the_schedule_at_once():
 def test_a_probe_rated_far_worse_waits_until_the_lane_can_pay_for_it():
     # The real pair at 16 concurrent: a run is ~40 ticks of 1.4-8 s, and its first round of probes, every schedule
     # the cost model rates within 60% of the best, took 42-44% of it. A probe is now charged its predicted ticks
-    # times its shortfall against the current choice, and probes together stay within a tenth of the time the lane
+    # times its shortfall against the current choice, and probes together stay within 8% of the time the lane
     # has run: one rated nearly as good runs at once, one rated far worse waits (but does run: the cost model may
     # be wrong about it).
     costs = costs_for(0.2, 0.5, 2.0, 12.0)

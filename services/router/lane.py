@@ -397,8 +397,8 @@ class Lane:
         # batch could not split at once), drafts both halves before it can overlap: 24-45 ms where psd's steady
         # ticks took 11-16 at 2 concurrent on the demo pair. Counted, it set psd's correction to 0.92 and kept auto
         # on draft-ahead where psd/k=4 measured 19% more tokens per busy ms.
-        first_split = sched == "psd" and bool(O) and not self._split
-        self._split = sched == "psd" and bool(O)
+        split = sched == "psd" and bool(O)
+        first_split, self._split = split and not self._split, split
         if measures_steady_cost(self._tick_prefills, len(S) + len(O)) and not first_split:
             # psd with one batch (one request, or the other batch drained) ran an sd tick: it corrects sd.
             ran = Choice("sd", k) if sched == "psd" and not O else choice

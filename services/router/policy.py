@@ -373,10 +373,11 @@ class Controller:
         of schedule is not steady (psd's first tick drafts before it can overlap, draft-ahead's has nothing drafted
         ahead yet), so it does not count; a change of k alone keeps the tick steady. `n`: the requests the tick ran
         (default: as many as at the last score)."""
+        if self.fixed is not None or ms <= 0:
+            return
+        self._lived_ms += ms
         predicted = predicted_ms if predicted_ms is not None else self._tick_ms.get(choice, 0.0)  # per tick
-        if self.fixed is None and ms > 0:
-            self._lived_ms += ms
-        if self.fixed is None and predicted > 0 and ms > 0 and self._run >= 2:
+        if predicted > 0 and self._run >= 2:
             ratio = min(2.0, max(0.25, predicted * ticks / ms))
             self.corrections.update(choice, self._scored_n if n is None else n, ratio)
 
