@@ -25,7 +25,7 @@ p.add_argument("--batches", default="1,8")
 p.add_argument("--dtypes", default="float32,bfloat16")
 p.add_argument("--threads", default="1,2")
 p.add_argument("--context", type=int, default=256)
-p.add_argument("-k", type=int, default=4)
+p.add_argument("--ks", default="4", help="draft lengths; k=0 times a plain decode step (ar)")
 p.add_argument("--repeats", type=int, default=3)
 p.add_argument("--out", default="")
 a = p.parse_args()
@@ -33,14 +33,15 @@ rows = []
 for dtype in a.dtypes.split(","):
     for threads in map(int, a.threads.split(",")):
         for b in map(int, a.batches.split(",")):
-            t = time_stages(a.target, a.draft, a.k, b, a.context, repeats=a.repeats, warmup=1, threads=threads,
-                            dtype=dtype)
-            rows.append({"dtype": dtype, "threads": threads, "batch": b, "draft_ms": round(t.draft_ms, 1),
-                         "verify_ms": round(t.verify_ms, 1)})
-            print(json.dumps(rows[-1]), flush=True)
+            for k in map(int, a.ks.split(",")):
+                t = time_stages(a.target, a.draft, k, b, a.context, repeats=a.repeats, warmup=1, threads=threads,
+                                dtype=dtype)
+                rows.append({"dtype": dtype, "threads": threads, "batch": b, "k": k,
+                             "draft_ms": round(t.draft_ms, 1), "verify_ms": round(t.verify_ms, 1)})
+                print(json.dumps(rows[-1]), flush=True)
     _model.cache_clear()
 out = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "machine": platform.processor() or platform.machine(),
-       "torch": torch.__version__, "k": a.k, "context": a.context, "rows": rows}
+       "torch": torch.__version__, "ks": a.ks, "context": a.context, "rows": rows}
 if a.out:
     with open(a.out, "w") as f:
         json.dump(out, f, indent=1)

@@ -9,6 +9,9 @@ projection, 1536 -> 8960, 55 MB in fp32) on one thread, for 1 to 16 rows, four w
   mkl packed  the same product with the weight reordered once for MKL (torch.ops.mkl._mkl_linear)
   onednn      oneDNN's linear with the weight as an mkldnn tensor
   per row     one matrix-vector product per row (reads the weight once per row: the no-reuse bound)
+  w @ x.T     the product taken the other way round (the weight as the left, tall operand)
+  bf16 linear linear with bf16 weight and rows (half the bytes; native dot products where the CPU has avx512_bf16)
+  bf16 onednn oneDNN's linear in bf16
 
     python benchmarks/cpu_gemm_small_m.py --out benchmarks/results/real-qwen2.5-coder/gemm_small_m.json
 """
@@ -47,6 +50,8 @@ def main() -> None:
     w = torch.randn(args.out_features, args.in_features)
     packed = torch.ops.mkl._mkl_reorder_linear_weight(w, 8)
     w_dnn = w.to_mkldnn()
+    w16 = w.to(torch.bfloat16)
+    w16_dnn = w16.to_mkldnn()
     rows_out = []
     for m in [int(x) for x in args.rows.split(",")]:
         x = torch.randn(m, args.in_features)
@@ -55,7 +60,12 @@ def main() -> None:
                "mkl_packed_ms": median_ms(lambda: torch.ops.mkl._mkl_linear(x, packed, w, None, m), args.reps),
                "onednn_ms": median_ms(lambda: torch._C._nn.mkldnn_linear(x.to_mkldnn(), w_dnn, None).to_dense(),
                                       args.reps),
-               "per_row_ms": median_ms(lambda: torch.stack([w @ x[i] for i in range(m)]), args.reps)}
+               "per_row_ms": median_ms(lambda: torch.stack([w @ x[i] for i in range(m)]), args.reps),
+               "w_xt_ms": median_ms(lambda: (w @ x.T).T, args.reps)}
+        x16 = x.to(torch.bfloat16)
+        row["bf16_linear_ms"] = median_ms(lambda: F.linear(x16, w16), args.reps)
+        row["bf16_onednn_ms"] = median_ms(
+            lambda: torch._C._nn.mkldnn_linear(x16.to_mkldnn(), w16_dnn, None).to_dense(), args.reps)
         rows_out.append({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()})
         one = rows_out[0]["linear_ms"]
         print(f"{m:3d} rows: " + "  ".join(f"{k[:-3]} {v:6.2f} ms" for k, v in rows_out[-1].items() if k != "rows") +
