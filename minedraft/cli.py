@@ -21,6 +21,7 @@ def _up(args) -> int:
     cluster = Cluster(mode=args.mode, router_port=args.port, http_port=args.http_port or None, target=args.target,
                       draft=args.draft,
                       device=args.device, router_args=router_args, log_dir=args.log_dir,
+                      drafter_args=["--dtype", args.dtype], verifier_args=["--dtype", args.dtype],
                       drain_timeout_s=args.drain_timeout_s)
     print(f"starting drafter, verifier and router ({args.mode}) ...", flush=True)
     t = time.monotonic()
@@ -167,6 +168,9 @@ def main(argv=None) -> int:
     up.add_argument("--target", default="", help="target checkpoint directory (default: the demo target)")
     up.add_argument("--draft", default="", help="draft checkpoint directory (default: the demo draft)")
     up.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N, for both model services")
+    up.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="weight dtype of both model services: auto = float32 on CPU (exact), the checkpoint's half "
+                    "type on GPU; bfloat16 is the fast choice on a CPU with avx512_bf16 (README)")
     up.add_argument("-k", type=int, default=4, help="draft tokens per step in a pinned mode")
     up.add_argument("--max-k", type=int, default=8, help="auto: the largest k it may choose")
     up.add_argument("--draft-confidence", type=float, default=0.0, help="tau: stop a draft once the product of its "
