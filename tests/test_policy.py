@@ -14,7 +14,7 @@ import pytest
 from services.router.acceptance import PositionAcceptance, all_accepted, expected_tokens, request_scale
 from services.router.costs import (CostModel, Ema, LinearCost, decode_shaped, draft_features, draft_forwards,
                                    forward_features, verify_features)
-from services.router.policy import Choice, Controller, LaneView, candidates, ranked, step_shape, throughput, tick_ms
+from services.router.policy import Choice, Controller, LaneView, candidates, ranked, throughput, tick_ms
 
 
 # ---- costs ----------------------------------------------------------------------------------------------------------
@@ -490,20 +490,3 @@ def test_a_probe_is_charged_what_its_ticks_took(slow):
             assert ctl.probe_budget * ctl._lived_ms >= spent
             break
         ctl.observe(c, ctl._tick_ms[c])
-
-
-def test_a_tick_is_priced_with_the_drafts_it_made():
-    """Near the end of a request fewer than k drafts fit (`Sequence.draft_len`). The lane prices each tick with the
-    drafts it really made (their mean per sequence, so the step's total tokens are exact): priced at k, such a tick
-    reads as faster than predicted, and a correction would learn that as the machine's."""
-    assert step_shape([10, 20], [3, 1]) == (2, 30.0, 2.0)
-    assert step_shape([10, 20], 4, pending=2) == (2, 34.0, 4.0)
-    assert step_shape([10, 20], 1, pending=[3, 1]) == (2, 34.0, 1.0)
-    assert step_shape([], 5) == (0, 0.0, 0.0)
-    costs = CostModel(LinearCost.prior(5.0, 0.5, 1e-3), LinearCost.prior(2.0, 0.1, 1e-3))
-    n, total, q = step_shape([100] * 4, [3, 3, 2, 2])
-    assert n * q == 10  # the verify's token feature is the sum over the sequences
-    at_k = tick_ms(costs, step_shape([100] * 4, 7), first=step_shape([100] * 4, 6))
-    made = tick_ms(costs, step_shape([100] * 4, [3, 3, 2, 2]), first=step_shape([100] * 4, [2, 2, 1, 1]))
-    assert made < 0.8 * at_k
-    assert tick_ms(costs, step_shape([100] * 4, [7] * 4), first=step_shape([100] * 4, [6] * 4)) == pytest.approx(at_k)

@@ -35,7 +35,7 @@ from services.router.clients import ModelClient, ServiceError
 from services.router.costs import CostModel, decode_shaped, draft_features, draft_forwards, verify_features
 from services.router.metrics import LaneMetrics
 from services.router.negotiation import negotiate
-from services.router.policy import Choice, Controller, LaneView, measures_steady_cost, step_shape, tick_ms
+from services.router.policy import Choice, Controller, LaneView, measures_steady_cost, tick_ms
 from services.router.releases import PendingReleases
 from services.router.request import DRAFT, PREFILL, VERIFY, PendingDraft, QueueFull, Request
 from services.router.trace import Trace
@@ -43,6 +43,12 @@ from services.router.trace import Trace
 __all__ = ["Lane", "QueueFull", "Replicas", "Request"]
 
 log = logging.getLogger(__name__)
+
+
+def _shape(reqs: list[Request], tokens: int, ahead: int = 0) -> tuple[int, float, int]:
+    """(sequences, summed cached lengths, tokens or drafts each) of a step over `reqs`, for `policy.tick_ms`;
+    `ahead`: drafts each has pending beyond its tokens (drafting ahead starts after them)."""
+    return len(reqs), float(sum(len(r.seq.tokens) for r in reqs) + ahead * len(reqs)), tokens
 
 
 class Replicas(Protocol):
@@ -372,7 +378,8 @@ class Lane:
                 await self._lost(derr)
                 return
         ahead = [r for r in S if r.draft is not None and self._ahead_len(r, k) > 0] if sched == "ahead" else []
-        predicted = self._predicted_ms(k, S, need, draft_set, ahead)
+        predicted = tick_ms(self.costs, _shape(S, k + 1), _shape(need, k), _shape(ahead, k + 1, ahead=k)
+                            if ahead else _shape(draft_set, k))
         # New requests prefill with their own batch's verification (single-batch schedules merged O into S): one
         # that joined O waits a tick rather than being prefilled now and then verified alone with zero drafts, so
         # every request runs prefill, then draft k and verify, whatever batch it joined (reproducible seeded samples).
@@ -403,21 +410,6 @@ class Lane:
         self.ticks += 1
         if sched == "psd" and verr is None:
             self.cur ^= 1
-
-    def _predicted_ms(self, k: int, S: list[Request], need: list[Request], draft_set: list[Request],
-                      ahead: list[Request]) -> float:
-        """The cost model's time of this tick, from the drafts it really makes (`policy.step_shape`): `need` were
-        drafted first (their drafts are made), then S is verified with its drafts (a prompt still to prefill is priced
-        as k + 1 tokens, as a decode), overlapped with drafting the other batch or drafting ahead."""
-        lengths = lambda reqs: [len(r.seq.tokens) for r in reqs]  # noqa: E731
-        verified = step_shape(lengths(S), [len(r.draft.tokens) + 1 if r.draft is not None else k + 1 for r in S])
-        first = step_shape(lengths(need), [len(r.draft.tokens) if r.draft is not None else k for r in need])
-        if ahead:
-            overlapped = step_shape(lengths(ahead), [self._ahead_len(r, k) + 1 for r in ahead],
-                                    pending=[len(r.draft.tokens) for r in ahead])
-        else:
-            overlapped = step_shape(lengths(draft_set), [r.seq.draft_len(k) for r in draft_set])
-        return tick_ms(self.costs, verified, first, overlapped)
 
     def _ahead_len(self, r: Request, k: int) -> int:
         """Drafts worth making ahead for `r`: what draft_len(k) will allow once its pending draft and the target's

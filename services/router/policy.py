@@ -85,23 +85,6 @@ class LaneView:
         return len(self.contexts)
 
 
-def step_shape(lengths, tokens, pending=0) -> tuple[int, float, float]:
-    """(sequences, summed cached lengths, tokens or drafts each) of one step, as `tick_ms` takes it. `lengths`: each
-    sequence's committed tokens; `tokens`: the new tokens (or drafts) each, one number for all or one per sequence;
-    `pending`: drafts each holds beyond its committed tokens (drafting ahead starts after them), likewise. Per-sequence
-    counts enter as their mean, which keeps the step's total tokens exact. The lane prices each tick with the drafts it
-    really made: near the end of a request fewer than k fit (`Sequence.draft_len`), and a tick priced at k there
-    reads as faster than predicted, which a correction (kept per choice and batch-size bucket) would learn as the
-    machine's. In auto's traces of demo-92f60d4-rep4 (verify steps without a prefill), fewer than 3/4 of k drafts
-    were made in 3-8% of psd's steps at 8-31 requests and in 17-33% of draft-ahead's at 1-3."""
-    n = len(lengths)
-    if n == 0:
-        return 0, 0.0, 0.0
-    each = float(np.mean(tokens)) if np.ndim(tokens) else float(tokens)
-    extra = float(np.sum(pending)) if np.ndim(pending) else float(pending) * n
-    return n, float(np.sum(lengths)) + extra, each
-
-
 def tick_ms(costs: CostModel, verified: tuple[int, float, int], first: tuple[int, float, int] = (0, 0.0, 0),
             overlapped: tuple[int, float, int] = (0, 0.0, 0)) -> float:
     """The cost model's time of one tick that ran these shapes, each (sequences, their summed cached lengths, tokens
