@@ -301,3 +301,23 @@ def test_combined_summary_holds_every_runs_points_tagged_by_folder(tmp_path):
                                            {"run": "real-code", "pair": "real pair", "value": 4}]
     write_combined_summary(tmp_path)  # rebuilding does not read its own output back
     assert len(json.loads(out.read_text())) == 3
+
+
+def test_read_trace_counts_drafts_made_ahead_and_the_report_shows_their_use(tmp_path):
+    """The bench reads draft-ahead's outcomes from the router's tick records, and the report's "auto chose" says
+    what share of the drafts made ahead auto could use (draft-ahead's latency gain rests on it)."""
+    from minedraft.bench.adaptive import _chose, read_trace
+    from services.router.trace import Trace
+
+    path = tmp_path / "t.jsonl"
+    trace = Trace(str(path))
+    trace.tick(0, 0.0, 0.01, 1, 0, "ahead/k=4", 100.0, ahead=(1, 0))
+    trace.tick(1, 0.01, 0.02, 2, 0, "ahead/k=4", 100.0, ahead=(1, 2))
+    trace.tick(2, 0.02, 0.03, 2, 0, "sd/k=4", 100.0)
+    trace.close()
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert "ahead_hits" not in lines[2]  # only ticks that drafted ahead carry the fields
+    got = read_trace(path, 0)
+    assert (got["ahead_hits"], got["ahead_misses"]) == (2, 2)
+    assert _chose(got) == "ahead/k=4 67%, sd/k=4 33%; drafts made ahead used: 50% of 4"
+    assert _chose({"choices": {"psd/k=4": 1.0}, "ahead_hits": 0, "ahead_misses": 0}) == "psd/k=4 100%"

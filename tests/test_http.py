@@ -302,6 +302,22 @@ def test_busy_window():
     assert w.fraction(200.0) == 0
 
 
+def test_draft_ahead_outcomes_are_counted():
+    """minedraft:draft_ahead counts, per sequence, the drafts made ahead that a lane used and those it discarded."""
+    from services.router.metrics import LaneMetrics, Metrics
+
+    m = Metrics()
+    m.model_name = "demo"
+    lane = m.lane("ahead")
+    lane.drafted_ahead(3, 1)
+    lane.drafted_ahead(0, 2)
+    LaneMetrics().drafted_ahead(5, 5)  # a lane without a router records nothing
+
+    def value(outcome):
+        return m.registry.get_sample_value("minedraft:draft_ahead_total", {"model_name": "demo", "outcome": outcome})
+    assert (value("hit"), value("miss")) == (3.0, 3.0)
+
+
 # ---- in process: the app without a cluster ---------------------------------------------------------------------------
 async def asgi(app, method: str, path: str, body: dict | None = None, headers=()) -> tuple[int, dict]:
     """One request through an ASGI app; (status, JSON body)."""

@@ -286,6 +286,9 @@ def test_auto_ahead_and_forced_switches_are_lossless(services, prompts, mode):
         assert {c.split("/")[0] for c in choices} == {"ar", "sd", "psd", "ahead"} and len(choices) >= 7, choices
     if mode != "auto":
         assert lane.ahead_hits > 0 and lane.ahead_misses > 0  # both outcomes of a draft made ahead happened
+    ticks = [t for t in lane.trace.records if t["kind"] == "tick"]  # and the trace counts each of them
+    assert sum(t.get("ahead_hits", 0) for t in ticks) == lane.ahead_hits
+    assert sum(t.get("ahead_misses", 0) for t in ticks) == lane.ahead_misses
     assert_kv_free(services)
 
 

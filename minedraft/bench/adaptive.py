@@ -64,8 +64,10 @@ def read_trace(trace: Path, offset: int) -> dict:
                        there (a verify accepts a prefix), with `reached_per_pos` the counts;
       step_ms          median compute time of decode steps (no prompt prefill in them) per service and batch size;
       tick_ms, router_cpu_ms  median tick and the router process's median CPU per tick (what it took from the
-                       cores the services share)."""
+                       cores the services share);
+      ahead_hits, ahead_misses  drafts made ahead (draft-ahead) that were used, and discarded."""
     choices, reached, accepted, times = Counter(), Counter(), Counter(), {"draft": {}, "verify": {}}
+    ahead = Counter()
     ticks_ms, cpu_ms = [], []
     with open(trace, "rb") as f:
         f.seek(offset)
@@ -76,6 +78,8 @@ def read_trace(trace: Path, offset: int) -> dict:
                 ticks_ms.append(1e3 * rec["dur"])
                 if "router_cpu_ms" in rec:
                     cpu_ms.append(rec["router_cpu_ms"])
+                ahead["hits"] += rec.get("ahead_hits", 0)
+                ahead["misses"] += rec.get("ahead_misses", 0)
             if rec.get("kind") not in times:
                 continue
             if not rec.get("prefill"):
@@ -91,7 +95,8 @@ def read_trace(trace: Path, offset: int) -> dict:
             "step_ms": {kind: {str(b): round(float(sorted(v)[len(v) // 2]), 1) for b, v in sorted(by.items())}
                         for kind, by in times.items()},
             "tick_ms": round(median(ticks_ms), 2) if ticks_ms else None,
-            "router_cpu_ms": round(median(cpu_ms), 2) if cpu_ms else None}
+            "router_cpu_ms": round(median(cpu_ms), 2) if cpu_ms else None,
+            "ahead_hits": ahead["hits"], "ahead_misses": ahead["misses"]}
 
 
 def run_config(cluster, name: str, mode: str, k: int, batch: int, requests, warmup, concurrency: int,
@@ -249,7 +254,7 @@ def write_summary(results: dict, out: Path) -> None:
                      "auto_tok_s": round(auto["output_tps"], 2), "best_fixed_tok_s": round(best["output_tps"], 2),
                      "best_fixed": best["name"], "ar_tok_s": round(ar["output_tps"], 2),
                      "auto_choices": auto["choices"], **_repeats(auto, best)})
-        top = ", ".join(f"{c} {v:.0%}" for c, v in list(auto["choices"].items())[:3])
+        top = _chose(auto)
         md.append(f"| {p['concurrency']} | {auto['output_tps']:.1f} | {best['name']} | {best['output_tps']:.1f} | "
                   f"{auto['output_tps'] / best['output_tps']:.2f} | {ar['output_tps']:.1f} | "
                   f"{auto['output_tps'] / ar['output_tps']:.2f} | {top} |")
@@ -271,12 +276,20 @@ def write_summary(results: dict, out: Path) -> None:
                      "auto_e2e_s": round(e2e(auto), 3), "sd_e2e_s": round(e2e(sd), 3),
                      "best_fixed_e2e_s": round(e2e(best), 3), "auto_choices": auto["choices"],
                      **_repeats(auto, best)})
-        top = ", ".join(f"{c} {v:.0%}" for c, v in list(auto["choices"].items())[:3])
+        top = _chose(auto)
         md.append(f"| {p['rate']:g} | {e2e(auto):.2f} | {e2e(sd):.2f} | {e2e(auto) / e2e(sd):.2f} | {best['name']} | "
                   f"{e2e(best):.2f} | {e2e(auto) / e2e(best):.2f} | {top} |")
     md += _per_config(results)
     (out / "summary.json").write_text(json.dumps(rows, indent=1))
     (out / "results.md").write_text("\n".join(md) + "\n")
+
+
+def _chose(auto: dict) -> str:
+    """What auto ran most (its top three choices by share of ticks) and, where it drafted ahead, the share of those
+    drafts it could use."""
+    top = ", ".join(f"{c} {v:.0%}" for c, v in list(auto["choices"].items())[:3])
+    made = auto.get("ahead_hits", 0) + auto.get("ahead_misses", 0)
+    return top + (f"; drafts made ahead used: {auto['ahead_hits'] / made:.0%} of {made}" if made else "")
 
 
 def _per_config(results: dict) -> list[str]:

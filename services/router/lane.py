@@ -388,7 +388,7 @@ class Lane:
         warm = [r for r in S + O if r.phase == PREFILL and r.seq.draft_cached == 0] \
             if self.drafter_up and self.mode != "ar" else []
         verr, derr = await self._launch(self._verify(S, t0), self._draft(t0, draft_set, k, warm, ahead))
-        self._settle_ahead(ahead, verified=verr is None and derr is None)
+        outcome = self._settle_ahead(ahead, verified=verr is None and derr is None)
         for err in (derr, verr):
             if err is not None:
                 await self._lost(err)  # raises if the requests cannot go on
@@ -405,8 +405,10 @@ class Lane:
             self.controller.observe(ran, 1e3 * (end - t0 + self._gap(t0)), predicted_ms=predicted, n=len(S) + len(O))
         self._observe_tick(t0, end)
         self.trace.tick(self.ticks, t0, end, len(S), len(O), str(choice), self.controller.predicted,
-                        self.controller.explored)
+                        self.controller.explored, outcome)
         self.metrics.tick(sched, k)
+        if any(outcome):
+            self.metrics.drafted_ahead(*outcome)
         self.ticks += 1
         if sched == "psd" and verr is None:
             self.cur ^= 1
@@ -418,9 +420,11 @@ class Lane:
         room = min(r.seq.max_new_tokens - len(r.seq.output), r.seq.max_len - len(r.seq.tokens)) - pending - 1
         return max(0, min(k, room))
 
-    def _settle_ahead(self, reqs: list[Request], verified: bool) -> None:
+    def _settle_ahead(self, reqs: list[Request], verified: bool) -> tuple[int, int]:
         """After the verify: a draft made ahead is used where the whole pending draft was accepted and the target's
-        own next token is the drafter's guess (the first token drafted ahead); anywhere else it is discarded."""
+        own next token is the drafter's guess (the first token drafted ahead); anywhere else it is discarded.
+        Returns this tick's (hits, misses)."""
+        hits = misses = 0
         for r in reqs:
             ahead, outcome = r.drop_ahead(), self._outcomes.pop(r.seq_id, None)
             if ahead is None:
@@ -431,11 +435,14 @@ class Lane:
                 r.draft = self._hold(PendingDraft(ahead.tokens[1:], ahead.probs,
                                                   ahead.probs_row + 1 if ahead.probs_row >= 0 else -1))
                 r.seq.draft_cached = r.ahead_cached
-                self.ahead_hits += 1
+                hits += 1
             else:
-                self.ahead_misses += 1
+                misses += 1
             self._unhold([ahead])
         self._outcomes.clear()
+        self.ahead_hits += hits
+        self.ahead_misses += misses
+        return hits, misses
 
     def _observe_tick(self, t0: float, end: float) -> None:
         """The router's own share of the tick (and of the gap since the previous one): what no call covered."""

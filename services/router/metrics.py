@@ -5,11 +5,12 @@ What vLLM has no name for is `minedraft:`: the schedule a lane runs, and each mo
 Who feeds what:
 - the request path (services/router/frontend.py) times each request: TTFT, inter-token gaps, end-to-end, queue,
   prefill and decode time, prompt tokens, finished requests by reason, rejections;
-- each lane reports through its `LaneMetrics`, two hooks and nothing else: `tick(schedule, k)` once per tick (the
-  schedule that tick ran: ar / sd / psd / ahead, fixed or picked per tick by the adaptive controller) and
+- each lane reports through its `LaneMetrics`, three hooks and nothing else: `tick(schedule, k)` once per tick (the
+  schedule that tick ran: ar / sd / psd / ahead, fixed or picked per tick by the adaptive controller),
   `verified_step(drafts, accepted, emitted)` once per verify step (per sequence the drafts checked and accepted,
   and the tokens committed in all), which counts generated tokens and vLLM's speculative-decoding counters exactly
-  as the target committed them;
+  as the target committed them, and `drafted_ahead(hits, misses)` once per draft-ahead tick (drafts made ahead that
+  were used, and discarded: the share used is what draft-ahead's latency gain rests on);
 - gauges of the present (requests running / waiting, KV use, the schedule in use, every replica's state) are read
   when scraped, from the replica pool and from each model service.
 
@@ -78,8 +79,8 @@ def finished_reason(reason: str) -> str:
 
 
 class LaneMetrics:
-    """One lane's hooks. A lane calls `tick` once per tick and `verified` once per sequence it verified; both are a few
-    dictionary lookups and additions. `LaneMetrics()` (no Metrics) records nothing: a lane built without a router
+    """One lane's hooks. A lane calls `tick` once per tick, `verified_step` once per verify step and `drafted_ahead`
+    once per draft-ahead tick; each is a few dictionary lookups and additions. `LaneMetrics()` (no Metrics) records nothing: a lane built without a router
     (the scheduler tests) gets that."""
 
     def __init__(self, metrics: "Metrics | None" = None, schedule: str = ""):
@@ -94,6 +95,14 @@ class LaneMetrics:
         self.schedule, self.k = schedule, k if schedule != "ar" else 0
         if self._m is not None:
             self._m.schedule_ticks.labels(self._m.model_name, schedule).inc()
+
+    def drafted_ahead(self, hits: int, misses: int) -> None:
+        """A draft-ahead tick's outcome: `hits` sequences whose drafts made ahead were used (the whole pending draft
+        accepted and the target's token guessed), `misses` whose drafts were discarded (re-drafted next tick)."""
+        if self._m is not None:
+            c = self._children()
+            c["ahead_hit"].inc(hits)
+            c["ahead_miss"].inc(misses)
 
     def verified_step(self, drafts: list[int], accepted: list[int], emitted: int) -> None:
         """One verify step: per sequence the drafts checked and accepted, and the tokens committed in all. Counted
@@ -126,7 +135,9 @@ class LaneMetrics:
 
             self._cached = {"generation": m.generation_tokens.labels(name), "drafts": m.spec_drafts.labels(name),
                             "draft_tokens": m.spec_draft_tokens.labels(name),
-                            "accepted": m.spec_accepted.labels(name), "per_pos": pos_child}
+                            "accepted": m.spec_accepted.labels(name), "per_pos": pos_child,
+                            "ahead_hit": m.draft_ahead.labels(name, "hit"),
+                            "ahead_miss": m.draft_ahead.labels(name, "miss")}
         return self._cached
 
 
@@ -159,6 +170,9 @@ class Metrics:
                                              "by position in the draft (0 = first).", m + ["position"], registry=r)
         self.schedule_ticks = Counter("minedraft:schedule_ticks", "Lane ticks by the schedule they ran (ar, sd, psd, "
                                       "ahead).", m + ["schedule"], registry=r)
+        self.draft_ahead = Counter("minedraft:draft_ahead", "Drafts made ahead (draft-ahead), per sequence, by outcome: "
+                                   "hit (used: the whole pending draft was accepted and the target's next token "
+                                   "guessed) or miss (discarded and re-drafted).", m + ["outcome"], registry=r)
         self.ttft = Histogram("vllm:time_to_first_token_seconds", "Arrival to the first token out.", m,
                               buckets=TTFT_BUCKETS, registry=r)
         self.itl = Histogram("vllm:inter_token_latency_seconds", "Gap between successive outputs of a request (one per"
@@ -198,6 +212,8 @@ class Metrics:
             self.spec_accepted_per_pos.labels(model_name, str(pos))
         for schedule in SCHEDULES:
             self.schedule_ticks.labels(model_name, schedule)
+        for outcome in ("hit", "miss"):
+            self.draft_ahead.labels(model_name, outcome)
 
     def lane(self, schedule: str) -> LaneMetrics:
         return LaneMetrics(self, schedule)

@@ -29,14 +29,18 @@ class Trace:
         self._emit(record)
 
     def tick(self, tick: int, t0: float, t1: float, size_s: int, size_o: int, choice: str = "",
-             predicted: float = 0.0, explored: bool = False) -> None:
+             predicted: float = 0.0, explored: bool = False, ahead: tuple[int, int] = (0, 0)) -> None:
         """One tick; `choice` is the schedule it ran (e.g. psd/k=4), `predicted` the controller's tokens/s for it.
         `router_cpu_ms` is the CPU the router process spent (all its threads and lanes) since the previous tick: on a
-        host whose cores the model services share, it is time taken from them."""
+        host whose cores the model services share, it is time taken from them. `ahead`: of the drafts this tick made
+        ahead (draft-ahead), how many were used and how many discarded (`ahead_hits`, `ahead_misses`, when any)."""
         cpu, self._cpu = self._cpu, time.process_time()
-        self._emit({"kind": "tick", "tick": tick, "t": t0 - self._origin, "dur": t1 - t0, "verify_batch": size_s,
-                    "draft_batch": size_o, "choice": choice, "predicted_tok_s": round(predicted, 1),
-                    "explored": explored, "router_cpu_ms": round(1e3 * (self._cpu - cpu), 2)})
+        record = {"kind": "tick", "tick": tick, "t": t0 - self._origin, "dur": t1 - t0, "verify_batch": size_s,
+                  "draft_batch": size_o, "choice": choice, "predicted_tok_s": round(predicted, 1),
+                  "explored": explored, "router_cpu_ms": round(1e3 * (self._cpu - cpu), 2)}
+        if any(ahead):
+            record["ahead_hits"], record["ahead_misses"] = ahead
+        self._emit(record)
 
     def _emit(self, record: dict) -> None:
         if self.records is not None:
