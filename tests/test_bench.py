@@ -311,13 +311,18 @@ def test_read_trace_counts_drafts_made_ahead_and_the_report_shows_their_use(tmp_
 
     path = tmp_path / "t.jsonl"
     trace = Trace(str(path))
+    trace.step("verify", "v", 0, 0.0, 0.01, 1, 5.0, drafted=[4], accepted=[4])
     trace.tick(0, 0.0, 0.01, 1, 0, "ahead/k=4", 100.0, ahead=(1, 0))
-    trace.tick(1, 0.01, 0.02, 2, 0, "ahead/k=4", 100.0, ahead=(1, 2))
-    trace.tick(2, 0.02, 0.03, 2, 0, "sd/k=4", 100.0)
+    trace.step("verify", "v", 1, 0.0, 0.01, 2, 5.0, drafted=[4, 4], accepted=[1, 0])
+    trace.tick(1, 0.01, 0.03, 2, 0, "ahead/k=4", 100.0, ahead=(1, 2))
+    trace.step("verify", "v", 2, 0.0, 0.01, 2, 5.0, drafted=[0, 0], accepted=[0, 0])  # no drafts: not recorded
+    trace.tick(2, 0.03, 0.04, 2, 0, "sd/k=4", 100.0)
     trace.close()
     lines = [json.loads(line) for line in path.read_text().splitlines()]
-    assert "ahead_hits" not in lines[2]  # only ticks that drafted ahead carry the fields
+    assert "ahead_hits" not in lines[-1]  # only ticks that drafted ahead carry the fields
     got = read_trace(path, 0)
     assert (got["ahead_hits"], got["ahead_misses"]) == (2, 2)
+    assert got["by_running"] == {"1": {"ticks": 1, "s": 0.01, "tokens": 5},
+                                 "2": {"ticks": 2, "s": 0.03, "tokens": 3 + 2}}
     assert _chose(got) == "ahead/k=4 67%, sd/k=4 33%; drafts made ahead used: 50% of 4"
     assert _chose({"choices": {"psd/k=4": 1.0}, "ahead_hits": 0, "ahead_misses": 0}) == "psd/k=4 100%"

@@ -65,9 +65,13 @@ def read_trace(trace: Path, offset: int) -> dict:
       step_ms          median compute time of decode steps (no prompt prefill in them) per service and batch size;
       tick_ms, router_cpu_ms  median tick and the router process's median CPU per tick (what it took from the
                        cores the services share);
-      ahead_hits, ahead_misses  drafts made ahead (draft-ahead) that were used, and discarded."""
+      ahead_hits, ahead_misses  drafts made ahead (draft-ahead) that were used, and discarded;
+      by_running       per number of running requests (`running_bucket`): ticks, seconds and tokens verified (each
+                       verified sequence's accepted drafts + 1, not capped at a request's last token). Under Poisson
+                       load the batch moves all the time; this says where a schedule spent its time and how fast it
+                       was there."""
     choices, reached, accepted, times = Counter(), Counter(), Counter(), {"draft": {}, "verify": {}}
-    ahead = Counter()
+    ahead, verified, by_running = Counter(), Counter(), {}
     ticks_ms, cpu_ms = [], []
     with open(trace, "rb") as f:
         f.seek(offset)
@@ -80,6 +84,13 @@ def read_trace(trace: Path, offset: int) -> dict:
                     cpu_ms.append(rec["router_cpu_ms"])
                 ahead["hits"] += rec.get("ahead_hits", 0)
                 ahead["misses"] += rec.get("ahead_misses", 0)
+            if rec.get("kind") == "tick":
+                row = by_running.setdefault(running_bucket(rec["verify_batch"] + rec["draft_batch"]), [0, 0.0, 0])
+                row[0] += 1
+                row[1] += rec["dur"]
+                row[2] += verified.pop(rec["tick"], 0)
+            if rec.get("kind") == "verify":
+                verified[rec["tick"]] += sum(a + 1 for a in rec["accepted"]) if "accepted" in rec else rec["size"]
             if rec.get("kind") not in times:
                 continue
             if not rec.get("prefill"):
@@ -96,7 +107,17 @@ def read_trace(trace: Path, offset: int) -> dict:
                         for kind, by in times.items()},
             "tick_ms": round(median(ticks_ms), 2) if ticks_ms else None,
             "router_cpu_ms": round(median(cpu_ms), 2) if cpu_ms else None,
-            "ahead_hits": ahead["hits"], "ahead_misses": ahead["misses"]}
+            "ahead_hits": ahead["hits"], "ahead_misses": ahead["misses"],
+            "by_running": {b: {"ticks": t, "s": round(sec, 4), "tokens": n}
+                           for b, (t, sec, n) in sorted(by_running.items(), key=lambda kv: RUNNING_BUCKETS.index(kv[0]))}}
+
+
+RUNNING_BUCKETS = ("1", "2", "3", "4", "5-8", "9-16", "17+")
+
+
+def running_bucket(n: int) -> str:
+    """The `RUNNING_BUCKETS` label of a tick with n running requests."""
+    return str(n) if n <= 4 else "5-8" if n <= 8 else "9-16" if n <= 16 else "17+"
 
 
 def run_config(cluster, name: str, mode: str, k: int, batch: int, requests, warmup, concurrency: int,
@@ -280,6 +301,7 @@ def write_summary(results: dict, out: Path) -> None:
         md.append(f"| {p['rate']:g} | {e2e(auto):.2f} | {e2e(sd):.2f} | {e2e(auto) / e2e(sd):.2f} | {best['name']} | "
                   f"{e2e(best):.2f} | {e2e(auto) / e2e(best):.2f} | {top} |")
     md += _per_config(results)
+    md += _by_running(results)
     (out / "summary.json").write_text(json.dumps(rows, indent=1))
     (out / "results.md").write_text("\n".join(md) + "\n")
 
@@ -290,6 +312,30 @@ def _chose(auto: dict) -> str:
     top = ", ".join(f"{c} {v:.0%}" for c, v in list(auto["choices"].items())[:3])
     made = auto.get("ahead_hits", 0) + auto.get("ahead_misses", 0)
     return top + (f"; drafts made ahead used: {auto['ahead_hits'] / made:.0%} of {made}" if made else "")
+
+
+def _by_running(results: dict) -> list[str]:
+    """The rate sweep by running requests: per configuration, the share of its ticks' time spent at each batch size
+    and its tokens verified per ms there (from each run's trace: `read_trace`'s by_running)."""
+    points = [p for p in results["rate_sweep"] if any(r.get("by_running") for r in p["runs"])]
+    if not points:
+        return []
+    md = ["", "## Under Poisson load, by running requests", "",
+          "Per configuration (its first run): at each number of running requests, tokens verified per ms of tick "
+          "time there, and the share of its tick time spent there. Verified tokens are each verified sequence's "
+          "accepted drafts + 1, not capped at a request's last token.", ""]
+    for p in points:
+        seen = [b for b in RUNNING_BUCKETS if any(b in r.get("by_running", {}) for r in p["runs"])]
+        md += [f"{p['rate']:g} req/s:", "", "| config | E2E s | " + " | ".join(f"{b} running" for b in seen) + " |",
+               "|---|---|" + "---|" * len(seen)]
+        for r in sorted(p["runs"], key=lambda r: r["e2e_ms"]["mean"]):
+            rows = r.get("by_running", {})
+            total = sum(v["s"] for v in rows.values()) or 1.0
+            cells = [f"{rows[b]['tokens'] / (1e3 * rows[b]['s']):.2f} ({rows[b]['s'] / total:.0%})"
+                     if rows.get(b, {}).get("s") else "-" for b in seen]
+            md.append(f"| {r['name']} | {r['e2e_ms']['mean'] / 1e3:.3f} | " + " | ".join(cells) + " |")
+        md.append("")
+    return md
 
 
 def _per_config(results: dict) -> list[str]:
