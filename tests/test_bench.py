@@ -326,3 +326,13 @@ def test_read_trace_counts_drafts_made_ahead_and_the_report_shows_their_use(tmp_
                                  "2": {"ticks": 2, "s": 0.03, "tokens": 3 + 2}}
     assert _chose(got) == "ahead/k=4 67%, sd/k=4 33%; drafts made ahead used: 50% of 4"
     assert _chose({"choices": {"psd/k=4": 1.0}, "ahead_hits": 0, "ahead_misses": 0}) == "psd/k=4 100%"
+
+
+def test_only_keeps_ar_and_auto_and_refuses_a_name_it_does_not_run():
+    from minedraft.bench.adaptive import configs, select_configs
+
+    cfgs = configs([4, 8], [])
+    assert [c[0] for c in select_configs(cfgs, "sd/k=8")] == ["ar", "sd/k=8", "auto"]
+    with pytest.raises(ValueError, match="ahead/k=4"):  # pinned draft-ahead runs only with --extra-modes ahead
+        select_configs(cfgs, "sd/k=8,ahead/k=4")
+    assert "ahead/k=4" in [c[0] for c in select_configs(configs([4], ["ahead"]), "ahead/k=4")]

@@ -167,6 +167,19 @@ def confirm(runs: list[dict], times: int, worse, also: list[str], again, tag: st
         r["e2e_ms"] = dict(r["e2e_ms"], mean=float(median(m["e2e_ms"]["mean"] for m in every)))
 
 
+def select_configs(cfgs: list, only: str) -> list:
+    """The configurations `--only` names (comma-separated, as in the tables), plus ar (the summary's baseline) and
+    auto, which always run. A name that is no configuration of this run is an error, not silently skipped: a
+    comparison that quietly leaves out what was asked for reads as if it had been measured."""
+    names = [n for n in only.split(",") if n]
+    unknown = [n for n in names if n not in {c[0] for c in cfgs}]
+    if unknown:
+        raise ValueError(f"--only names {', '.join(unknown)}, not among this run's configurations "
+                         f"({', '.join(c[0] for c in cfgs)}; pinned draft-ahead needs --extra-modes ahead)")
+    keep = set(names) | {"ar"}
+    return [c for c in cfgs if c[0] in keep or c[1] == "auto"]
+
+
 def run(args) -> int:
     from minedraft.bench.workload import BenchRequest, poisson_arrivals
     from minedraft.launcher import Cluster
@@ -180,9 +193,11 @@ def run(args) -> int:
 
     ks = [int(x) for x in args.ks.split(",")]
     cfgs = configs(ks, [m for m in args.extra_modes.split(",") if m])
-    if args.only:  # a subset of the fixed configurations (auto always runs, and ar: the summary's baseline)
-        keep = set(args.only.split(",")) | {"ar"}
-        cfgs = [c for c in cfgs if c[0] in keep or c[1] == "auto"]
+    if args.only:
+        try:
+            cfgs = select_configs(cfgs, args.only)
+        except ValueError as e:
+            raise SystemExit(f"bench-adaptive: {e}")
     tok = load_tokenizer(args.target)
     pool = prompts(tok, args.prompts, 512, args.max_prompt_tokens)
     log(f"{len(pool)} {args.prompts} prompts; configurations: {', '.join(n for n, _, _ in cfgs)}")
