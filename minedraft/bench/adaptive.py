@@ -77,18 +77,19 @@ def read_trace(trace: Path, offset: int) -> dict:
         f.seek(offset)
         for line in f.read().decode().splitlines():
             rec = json.loads(line)
-            if rec.get("kind") == "tick" and rec.get("choice"):
-                choices[rec["choice"]] += 1
-                ticks_ms.append(1e3 * rec["dur"])
-                if "router_cpu_ms" in rec:
-                    cpu_ms.append(rec["router_cpu_ms"])
-                ahead["hits"] += rec.get("ahead_hits", 0)
-                ahead["misses"] += rec.get("ahead_misses", 0)
             if rec.get("kind") == "tick":
                 row = by_running.setdefault(running_bucket(rec["verify_batch"] + rec["draft_batch"]), [0, 0.0, 0])
                 row[0] += 1
                 row[1] += rec["dur"]
                 row[2] += verified.pop(rec["tick"], 0)
+                if rec.get("choice"):  # a tick that names no schedule (an older trace) counts only by running
+                    choices[rec["choice"]] += 1
+                    ticks_ms.append(1e3 * rec["dur"])
+                    if "router_cpu_ms" in rec:
+                        cpu_ms.append(rec["router_cpu_ms"])
+                    ahead["hits"] += rec.get("ahead_hits", 0)
+                    ahead["misses"] += rec.get("ahead_misses", 0)
+                continue
             if rec.get("kind") == "verify":
                 verified[rec["tick"]] += sum(a + 1 for a in rec["accepted"]) if "accepted" in rec else rec["size"]
             if rec.get("kind") not in times:
