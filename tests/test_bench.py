@@ -336,3 +336,22 @@ def test_only_keeps_ar_and_auto_and_refuses_a_name_it_does_not_run():
     with pytest.raises(ValueError, match="ahead/k=4"):  # pinned draft-ahead runs only with --extra-modes ahead
         select_configs(cfgs, "sd/k=8,ahead/k=4")
     assert "ahead/k=4" in [c[0] for c in select_configs(configs([4], ["ahead"]), "ahead/k=4")]
+
+
+def test_a_rate_point_without_sd_is_reported_not_a_crash(tmp_path):
+    """`--only psd/k=6` leaves sd out of a rate sweep: the summary says so ("-", null) instead of failing after the
+    runs (it did: max() of no sd runs)."""
+    from minedraft.bench.adaptive import write_summary
+
+    def run(name, mode, e2e_s):
+        return {"name": name, "mode": mode, "k": 0 if mode == "ar" else 6, "output_tps": 100.0 / e2e_s,
+                "e2e_ms": {"mean": 1e3 * e2e_s}, "choices": {name: 1.0}}
+
+    results = {"pair": "demo pair", "command": "minedraft bench-adaptive ...", "target": "t", "draft": "d",
+               "prompts": "sharegpt", "output_len": 64, "ks": [6], "batch_sweep": [],
+               "rate_sweep": [{"rate": 6.0, "runs": [run("ar", "ar", 0.7), run("psd/k=6", "psd", 0.32),
+                                                     run("auto", "auto", 0.3)]}]}
+    write_summary(results, tmp_path)
+    (point,) = json.loads((tmp_path / "summary.json").read_text())
+    assert point["sd_e2e_s"] is None and point["best_fixed"] == "psd/k=6" and point["auto_e2e_s"] == 0.3
+    assert "| 6 | 0.30 | - | - | psd/k=6 | 0.32 | 0.94 |" in (tmp_path / "results.md").read_text()

@@ -301,8 +301,8 @@ def write_summary(results: dict, out: Path) -> None:
                "|---|---|---|---|---|---|---|---|"]
     for p in results["rate_sweep"]:
         auto = next(r for r in p["runs"] if r["mode"] == "auto")
-        sd = next((r for r in p["runs"] if r["name"] == "sd/k=4"), None) or \
-            _best([r for r in p["runs"] if r["mode"] == "sd"], "output_tps")
+        sds = [r for r in p["runs"] if r["mode"] == "sd" and not r.get("failed")]  # none where --only left sd out
+        sd = next((r for r in sds if r["name"] == "sd/k=4"), None) or (_best(sds, "output_tps") if sds else None)
         best = min((r for r in p["runs"] if r["mode"] != "auto"), key=lambda r: r["e2e_ms"]["mean"])
         e2e = lambda r: r["e2e_ms"]["mean"] / 1e3  # noqa: E731
         rows.append({"pair": results["pair"], "sweep": "rate", "value": p["rate"],
@@ -310,11 +310,12 @@ def write_summary(results: dict, out: Path) -> None:
                      "best_fixed_tok_s": round(_best(p["runs"], "output_tps")["output_tps"], 2),
                      "best_fixed": best["name"], "ar_tok_s": round(next(r for r in p["runs"]
                                                                        if r["mode"] == "ar")["output_tps"], 2),
-                     "auto_e2e_s": round(e2e(auto), 3), "sd_e2e_s": round(e2e(sd), 3),
+                     "auto_e2e_s": round(e2e(auto), 3), "sd_e2e_s": round(e2e(sd), 3) if sd else None,
                      "best_fixed_e2e_s": round(e2e(best), 3), "auto_choices": auto["choices"],
                      **_repeats(auto, best)})
         top = _chose(auto)
-        md.append(f"| {p['rate']:g} | {e2e(auto):.2f} | {e2e(sd):.2f} | {e2e(auto) / e2e(sd):.2f} | {best['name']} | "
+        vs_sd = f"{e2e(sd):.2f} | {e2e(auto) / e2e(sd):.2f}" if sd else "- | -"
+        md.append(f"| {p['rate']:g} | {e2e(auto):.2f} | {vs_sd} | {best['name']} | "
                   f"{e2e(best):.2f} | {e2e(auto) / e2e(best):.2f} | {top} |")
     md += _per_config(results)
     md += _by_running(results)
