@@ -264,7 +264,7 @@ class ScriptedController:
         self.ticks += 1
         return self.plan[self.ticks % len(self.plan)] if drafter else Choice("ar")
 
-    def observe(self, choice, ms, ticks=1, predicted_ms=None, n=None, tokens=None):
+    def observe(self, choice, ms, ticks=1, predicted_ms=None, n=None):
         pass
 
 

@@ -105,7 +105,6 @@ class Lane:
         self._outcomes: dict[str, tuple[int, int, int]] = {}  # this tick's (drafted, accepted, last token) per seq
         self._calls: list[tuple[float, float]] = []  # this tick's service calls (start, end)
         self._tick_prefills = 0  # prompts this tick's verify prefilled
-        self._tick_tokens = 0  # tokens this tick verified (accepted drafts + 1 each): the residuals' input
         self._split = False  # the last tick ran psd with both batches
         self._last_tick_end = 0.0
         self.dead = False  # this lane's verifier is gone and its requests moved to other lanes
@@ -347,11 +346,9 @@ class Lane:
         if getattr(self.controller, "switched", None):
             was, now, top = self.controller.switched
             self.controller.switched = None
-            log.info("lane %s: %d running, auto runs %s (was %s); predicted tok/s: %s; measured/predicted: %s; "
-                     "tokens measured/promised (ticks): %s", self.verifier.address, self.running, now, was,
-                     ", ".join(f"{c} {t:.0f}" for t, c in top),
-                     ", ".join(f"{s} {v:.2f}" for s, v in self.controller.correction.items()),
-                     ", ".join(f"{s} {v}" for s, v in self.controller.residual.items()))
+            log.info("lane %s: %d running, auto runs %s (was %s); predicted tok/s: %s; measured/predicted: %s",
+                     self.verifier.address, self.running, now, was, ", ".join(f"{c} {t:.0f}" for t, c in top),
+                     ", ".join(f"{s} {v:.2f}" for s, v in self.controller.correction.items()))
             if log.isEnabledFor(logging.DEBUG):
                 ctx = self._view().contexts
                 log.debug("lane %s: ms predicted: verify %.1f (all, k+1 tokens) %.1f (half); draft %.1f (all) %.1f "
@@ -369,7 +366,7 @@ class Lane:
         if sched == "psd" and any(r.phase == VERIFY for r in S):
             self._defer_undrafted(S, O)
         t0 = time.perf_counter()
-        self._calls, self._tick_prefills, self._tick_tokens = [], 0, 0
+        self._calls, self._tick_prefills = [], 0
         # psd drafts S first only when nothing is stored for it (its first tick: _defer_undrafted left no request
         # without a draft beside ones with); the others draft every request that has no draft (new, a missed
         # draft-ahead, the other batch merged in).
@@ -405,8 +402,7 @@ class Lane:
         if measures_steady_cost(self._tick_prefills, len(S) + len(O)) and not first_split:
             # psd with one batch (one request, or the other batch drained) ran an sd tick: it corrects sd.
             ran = Choice("sd", k) if sched == "psd" and not O else choice
-            self.controller.observe(ran, 1e3 * (end - t0 + self._gap(t0)), predicted_ms=predicted, n=len(S) + len(O),
-                                    tokens=self._tick_tokens)
+            self.controller.observe(ran, 1e3 * (end - t0 + self._gap(t0)), predicted_ms=predicted, n=len(S) + len(O))
         self._observe_tick(t0, end)
         self.trace.tick(self.ticks, t0, end, len(S), len(O), str(choice), self.controller.predicted,
                         self.controller.explored, outcome)
@@ -583,7 +579,6 @@ class Lane:
             if r.seq.finished:
                 self._outbox.append((r.events, ("done", r.seq.finish_reason)))
         self.acceptance.observe_step(drafted_all, accepted_all)  # once per step: per sequence costs ms at batch 64
-        self._tick_tokens += sum(accepted_all) + len(accepted_all)
         self.metrics.verified_step(drafted_all, accepted_all, emitted_all)
         self.trace.step("verify", self.verifier.address, self.ticks, start_t - t0, end_t - t0, len(reqs),
                         resp.verify.compute_ms, prefills, drafted_all, accepted_all)

@@ -39,13 +39,6 @@ averaged over the last ~`dwell` ticks, not by the latest score: under turnover t
 few ticks (4, 4, 4, 3, ... at 4 concurrent), the best schedule swings with it, and following each swing changed
 the schedule once a dwell (k still follows the latest score at once: a change of k costs nothing). A batch grown or
 shrunk `lasting` times (a burst after a quiet spell, a drained wave) is a lasting change: the mean restarts there.
-Time corrections make each tick's time right for the shapes it ran; what a schedule's ticks yield is measured too: a
-residual per schedule and bucket, the tokens its ticks verified over what its corrected score promised
-(corrections.Residuals). Where the corrected model rates another schedule within `contest_within` of the current
-one and the residuals have measured the current one but not it, a contest runs it for `contest_ticks` (paid for out
-of the probe budget, once the lane has run `contest_after` ticks): where the model cannot tell two schedules apart,
-what they verify per ms decides (on the demo pair under Poisson 6 req/s the model rated draft-ahead and psd within a
-few percent at 2-4 running requests; psd verified 12-15% more tokens per ms).
 Pure: no servers (tests/test_policy.py).
 """
 
@@ -59,7 +52,7 @@ from typing import Callable
 import numpy as np
 
 from services.router.acceptance import all_accepted, expected_tokens
-from services.router.corrections import Corrections, Residuals, bucket
+from services.router.corrections import Corrections, bucket
 from services.router.costs import CostModel
 
 SCHEDULES = ("ar", "sd", "psd", "ahead")
@@ -159,16 +152,8 @@ def measures_steady_cost(prefills: int, running: int) -> bool:
     drafting; in sd and ahead every running request waits), and under heavy turnover such ticks are most of the time
     (68% at 64 concurrent, 64-token answers, on the demo pair), so leaving them out left probes with nothing to
     measure. A burst, more than a quarter of the running requests prefilling (a lane's start, a wave of arrivals),
-    does not: counted, lane-start prefills set psd's correction to 0.36 at 16 concurrent. One arrival joining
-    running requests is turnover at any size: under Poisson 6 req/s on the demo pair, ticks with one prefill were
-    14-28% of draft-ahead's time at 2-4 running (23-34 ms against 16-19 for its other ticks) and 12-18% of psd's
-    (17-21 ms against 9-12), and left out, auto never saw what they cost."""
-    return 4 * prefills <= running or (prefills == 1 and running >= 2)
-
-
-def as_run(c: Choice, n: int) -> Choice:
-    """What `c` runs with n requests: psd with fewer than 2 runs one batch, as sd."""
-    return Choice("sd", c.k) if c.schedule == "psd" and n < 2 else c
+    does not: counted, lane-start prefills set psd's correction to 0.36 at 16 concurrent."""
+    return 4 * prefills <= running
 
 
 def candidates(k_max: int, schedules: tuple[str, ...] = SCHEDULES) -> list[Choice]:
@@ -184,8 +169,7 @@ class Controller:
                  margin: float = 0.05, explore: float = 0.02, explore_ticks: int = 3, every: int = 8, seed: int = 0,
                  probe_within: float = 0.6, probe_ticks: int = 4, reprobe: int = 64, reprobe_within: float = 0.9,
                  dwell: int = 8, weight: float = 0.05, min_own: int = 3, lasting: float = 4.0,
-                 probe_budget: float = 0.08, rate_ticks: int = 16, contest_within: float = 0.9,
-                 contest_ticks: int = 12, contest_after: int = 64):
+                 probe_budget: float = 0.08):
         self.fixed, self.margin, self.explore, self.every, self.weight = fixed, margin, explore, every, weight
         self.explore_ticks = explore_ticks  # an exploration holds its choice this many ticks: the first is not steady
         self.probe_within, self.probe_ticks, self.reprobe, self.dwell = probe_within, probe_ticks, reprobe, dwell
@@ -202,13 +186,6 @@ class Controller:
         self._since_switch = 0  # ticks since `current` last changed schedule
         # Predicted / measured tick time, per choice and batch-size bucket (corrections.py).
         self.corrections = Corrections(weight, min_own)
-        # Measured / predicted tokens per schedule and bucket, on top of those (corrections.Residuals); a contest
-        # runs a rival the corrected model rates within `contest_within` of the current schedule for
-        # `contest_ticks`, until both are measured there, once the lane has lived `contest_after` ticks.
-        self.residuals = Residuals(rate_ticks)
-        self.contest_within, self.contest_ticks, self.contest_after = contest_within, contest_ticks, contest_after
-        self._contest: Choice | None = None  # the rival being run now, if any
-        self._raw: dict[Choice, float] = {}  # each choice's corrected score before its residual, at the last score
         self._climbed: set[tuple[Choice, int]] = set()  # (neighbour, bucket) of a current choice already probed
         self._last, self._run = Choice("ar"), 0  # the last choice returned and how many ticks its schedule has run
         self.options = candidates(k_max, schedules)
@@ -254,21 +231,20 @@ class Controller:
             # A batch swinging between sizes (4, 4, 4, 3, ...) re-uses a size's scores for `every` ticks.
             hit = self._cached.get(n)
             if hit is not None and self._age < self.every and self._lived - hit[0] < self.every:
-                _, self._tick_ms, scores, self._scores, self._best_of, self._raw = hit
+                _, self._tick_ms, scores, self._scores, self._best_of = hit
             else:
                 view = view if isinstance(view, LaneView) else view()
                 predicted = cycles(view, costs, self.options)
                 self._tick_ms = {c: ms / ticks for c, (_, ms, ticks) in predicted.items()}
-                # With fewer than 2 requests psd runs one batch, as sd: it is scored as sd (its corrections too),
-                # so a moment at one request (a wave draining) does not switch psd to sd and back.
-                self._raw = {c: 1e3 * tokens / ms * self.correction_of(as_run(c, n), n)
-                             for c, (tokens, ms, _) in predicted.items()}
-                scores = sorted(((tps * self.residuals.of(as_run(c, n).schedule, n), c)
-                                 for c, tps in self._raw.items()), key=lambda tc: -tc[0])
+                # With fewer than 2 requests psd runs one batch, as sd: it is scored as sd (its correction too), so
+                # a moment at one request (a wave draining) does not switch psd to sd and back.
+                scores = sorted(((1e3 * tokens / ms * self.correction_of(Choice("sd", c.k) if c.schedule == "psd"
+                                                                         and n < 2 else c, n), c)
+                                 for c, (tokens, ms, _) in predicted.items()), key=lambda tc: -tc[0])
                 self._scores, self._best_of = {c: t for t, c in scores}, {}
                 for tps, c in scores:  # each schedule's best k (scores are sorted)
                     self._best_of.setdefault(c.schedule, (tps, c))
-                self._cached[n] = (self._lived, self._tick_ms, scores, self._scores, self._best_of, self._raw)
+                self._cached[n] = (self._lived, self._tick_ms, scores, self._scores, self._best_of)
             self._scored_n, self._age = n, 0
             if n > self.lasting * self._ref_n or self.lasting * n < self._ref_n:
                 # A lasting change of load (a burst after a quiet spell, a wave's drain): the averaged edges describe
@@ -300,10 +276,6 @@ class Controller:
                     self._in_bucket >= self.every:
                 self._probes = [c for c in self._unmeasured_neighbours(scores) if c not in self._probes] + \
                     self._probes
-            if self._exploring is None and not self._probes and self._lived >= self.contest_after:
-                rival = self._contender(n)
-                if rival is not None:
-                    self._probes, self._contest = [rival], rival
         while self._exploring is None and self._probes and \
                 self._scores.get(self._probes[0], 0.0) < self.probe_within * self._top():
             self._probes.pop(0)  # no longer worth it (the batch changed since it was queued)
@@ -325,7 +297,7 @@ class Controller:
             self._explore_left -= 1
             picked = self._exploring
             if self._explore_left <= 0:  # what it measured counts at once: re-score on the next tick
-                self._exploring, self._age, self._contest = None, self.every, None
+                self._exploring, self._age = None, self.every
                 self._cached.clear()
             self.explored = True
             return picked
@@ -336,23 +308,7 @@ class Controller:
         """A probe of another schedule than the last tick ran takes `probe_ticks` (its first tick is not steady, and
         does not count), a neighbouring k `explore_ticks`. A k climb's probe that followed another schedule's probe
         kept 2 measured ticks, fewer than a measured choice needs, and was never repeated."""
-        if c == self._contest:
-            return self.contest_ticks
         return self.explore_ticks if c.schedule == self._last.schedule else self.probe_ticks
-
-    def _contender(self, n: int) -> Choice | None:
-        """The best choice of another schedule that the corrected model rates within `contest_within` of the current
-        one, where the residuals (corrections.Residuals) have measured the current schedule with n running requests
-        but not that one: where the model cannot tell two schedules apart, what they verify per ms decides. Each
-        contest adds `contest_ticks` to the rival's measure; it stops once both are measured."""
-        cur = self._scores.get(self.current, 0.0)
-        if not self.residuals.measured(as_run(self.current, n).schedule, n):
-            return None
-        rivals = [(tps, c) for s, (tps, c) in self._best_of.items()
-                  if s != self.current.schedule and tps >= self.contest_within * cur and
-                  as_run(c, n).schedule != as_run(self.current, n).schedule and
-                  not self.residuals.measured(as_run(c, n).schedule, n)]
-        return max(rivals, key=lambda tc: tc[0])[1] if rivals else None
 
     def _top(self) -> float:
         return max(t for t, _ in self._best_of.values())
@@ -408,12 +364,6 @@ class Controller:
         """Predicted / measured tick time per schedule at the current batch size (what the lane's log shows)."""
         return self.corrections.by_schedule(SCHEDULES, max(self._scored_n, 1))
 
-    @property
-    def residual(self) -> dict[str, str]:
-        """Measured / promised tokens per schedule at the current batch size, with the ticks behind each (the log)."""
-        n = max(self._scored_n, 1)
-        return {s: f"{self.residuals.of(s, n):.2f}/{self.residuals.ticks(s, n)}" for s in SCHEDULES}
-
     def _measured(self, c: Choice) -> bool:
         return self.corrections.measured(c, self._scored_n)
 
@@ -422,7 +372,7 @@ class Controller:
         return self.corrections.of(c, self._scored_n if n is None else n)
 
     def observe(self, choice: Choice, ms: float, ticks: int = 1, predicted_ms: float | None = None,
-                n: int | None = None, tokens: float | None = None) -> None:
+                n: int | None = None) -> None:
         """`ticks` ticks of `choice` took `ms` in all: move its corrections (predicted / measured tick time, its own
         and its schedule's) towards what they measured (`Measured`). The prediction is `predicted_ms` where the caller
         computed it from the shapes the tick ran (`tick_ms`), else the choice's expected cycle at the last score.
@@ -430,8 +380,7 @@ class Controller:
         job, and folding their early errors in here would bias the correction for good. The first tick after a change
         of schedule is not steady (psd's first tick drafts before it can overlap, draft-ahead's has nothing drafted
         ahead yet), so it does not count; a change of k alone keeps the tick steady. `n`: the requests the tick ran
-        (default: as many as at the last score). `tokens`, what the ticks verified (each sequence's accepted drafts
-        + 1), moves the schedule's residual: measured over what its corrected score promised for `ms`."""
+        (default: as many as at the last score)."""
         if self.fixed is not None or ms <= 0:
             return
         self._lived_ms += ms
@@ -441,12 +390,9 @@ class Controller:
             # ticks: probes of three schedules, each 1.3-2.6x slower than predicted, were 12 of them.
             self._spent_ms = max(0.0, self._spent_ms + ms - ticks * self._budgeted_ms)
         predicted = predicted_ms if predicted_ms is not None else self._tick_ms.get(choice, 0.0)  # per tick
-        n = self._scored_n if n is None else n
         if predicted > 0 and self._run >= 2:
             ratio = min(2.0, max(0.25, predicted * ticks / ms))
-            self.corrections.update(choice, n, ratio)
-        if tokens is not None and self._run >= 2 and choice in self._raw:
-            self.residuals.update(as_run(choice, n).schedule, n, tokens, self._raw[choice] * ms / 1e3)
+            self.corrections.update(choice, self._scored_n if n is None else n, ratio)
 
     def _unmeasured_neighbours(self, scores: list[tuple[float, Choice]]) -> list[Choice]:
         """Once the current choice is measured (`min_own` ticks): its k - 1 and k + 1 not yet measured, where
