@@ -292,6 +292,34 @@ def test_auto_ahead_and_forced_switches_are_lossless(services, prompts, mode):
     assert_kv_free(services)
 
 
+def test_draft_ahead_drafts_the_misses_while_it_verifies_the_others(services, prompts):
+    """Pinned draft-ahead with several requests: where some requests' drafts made ahead missed, the tick verifies the
+    others (drafting ahead for them) while the drafter drafts the missed ones afresh, in one call; they are verified
+    next tick. A re-draft before the verify happens only when nothing else could be verified. Lossless, and nothing
+    stays held."""
+    lane = make_lane(services, "ahead", num_speculative_tokens=4)
+    budgets = [40, 33, 28, 36]
+    reqs = [request_for(lane, i, p, n) for i, (p, n) in enumerate(zip(prompts, budgets))]
+    results = asyncio.run(run_all(lane, reqs))
+    expected = reference_generate(services[1].runner, make_sequences(prompts[:4], SamplingParams(), budgets,
+                                                                      lane.max_len, ignore_eos=True))
+    assert [toks for toks, _ in results] == [s.output for s in expected]
+    calls: dict[int, list[dict]] = {}
+    for r in lane.trace.records:
+        if r["kind"] != "tick":
+            calls.setdefault(r["tick"], []).append(r)
+    ticks = [t for t in lane.trace.records if t["kind"] == "tick"]
+    pipelined = [t for t in ticks if t["draft_batch"] and t["verify_batch"]]
+    assert len(pipelined) >= 5, ticks  # misses drafted beside the others' verification
+    for t in pipelined:
+        assert sum(c["kind"] == "draft" for c in calls[t["tick"]]) == 1  # one draft call: fresh drafts and ahead
+    for t in ticks:
+        if sum(c["kind"] == "draft" for c in calls[t["tick"]]) == 2:  # drafted first: everyone is verified then
+            assert t["draft_batch"] == 0, t
+    assert lane.ahead_hits > 0 and lane.ahead_misses > 0
+    assert_kv_free(services)
+
+
 def test_switching_schedules_with_sampled_requests_over_shm(services, prompts):
     """Sampled requests while the schedule switches every tick: draft probabilities of one verify come from several
     draft steps (separate shm buffers), drafts made ahead are kept or dropped; every request finishes and every

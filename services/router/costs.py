@@ -128,12 +128,20 @@ class CostModel:
         x = np.array([1.0, 1.0, n, n * q, q * sum_ctx + n * q * (q + 1) / 2]) * _SCALE
         return self.verify.predict(x) + self.verify_overhead.value
 
-    def draft_ms(self, n: int, sum_ctx: float, k: int) -> float:
+    def draft_ms(self, n: float, sum_ctx: float, k: int) -> float:
         """t_draft from sums: k drafts for n sequences (one token fed first), O(1)."""
-        if n <= 0 or k <= 0:
+        return self.draft_call_ms([(n, sum_ctx, k)])
+
+    def draft_call_ms(self, groups) -> float:
+        """One draft call over groups of sequences, each (sequences, their summed cached lengths, drafts each), one
+        token fed first: as many forwards as the longest draft, each over the sequences still drafting. Sequence
+        counts may be expected values (fractions). 0 for an empty call."""
+        groups = [(n, c, k) for n, c, k in groups if n > 0 and k > 0]
+        if not groups:
             return 0.0
-        x = np.array([1.0, k, k * n, k * n, k * sum_ctx + n * k * (k + 1) / 2]) * _SCALE
-        return self.draft.predict(x) + self.draft_overhead.value
+        x = np.array([1.0, max(k for _, _, k in groups), sum(k * n for n, _, k in groups),
+                      sum(k * n for n, _, k in groups), sum(k * c + n * k * (k + 1) / 2 for n, c, k in groups)])
+        return self.draft.predict(x * _SCALE) + self.draft_overhead.value
 
     def t_verify(self, contexts: np.ndarray, q: int) -> float:
         """One verify call over sequences with these cached lengths, appending q tokens each."""

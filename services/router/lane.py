@@ -5,7 +5,10 @@ drafter, then the two swap. A tick costs ~max(T_draft, T_verify) instead of thei
   psd  two batches, the overlap above; a batch with no stored drafts (first tick) is drafted synchronously first,
        so with one batch non-empty it degrades to plain SD until the other fills;
   sd   one batch: draft, then verify;
-  ar   one batch, target only (verify with zero drafts).
+  ar   one batch, target only (verify with zero drafts);
+  ahead one batch; each verified request's next drafts are made during its verification (draft-ahead) and used
+       where they hit; a request whose drafts missed is drafted afresh while the others are verified, and verified
+       next tick (so a miss costs its own request a tick, not everyone a re-draft).
 New requests join the smaller batch (S on ties, since it drafts next) and are prefilled on the verifier with their
 batch's verification, while the drafter caches their prompts in a draft call; then they draft and verify like the
 rest. Every request runs the same steps whatever batch it joined, so a seeded sample does not depend on timing.
@@ -368,18 +371,25 @@ class Lane:
         t0 = time.perf_counter()
         self._calls, self._tick_prefills = [], 0
         # psd drafts S first only when nothing is stored for it (its first tick: _defer_undrafted left no request
-        # without a draft beside ones with); the others draft every request that has no draft (new, a missed
-        # draft-ahead, the other batch merged in).
+        # without a draft beside ones with); sd drafts every request that has no draft (new, the other batch merged
+        # in) first. Draft-ahead drafts the requests without one (new, or whose drafts made ahead missed) while it
+        # verifies the others, and verifies them next tick: a miss costs its own request a tick, not everyone a
+        # re-draft. Only with nothing else to verify (one request, or all missed at once) does it draft first.
         need = [r for r in S if r.phase == DRAFT] if sched != "ar" else []
         draft_set = [r for r in O if r.phase == DRAFT] if sched == "psd" else []
+        verify_set = S
+        if sched == "ahead" and need and len(need) < len(S):
+            verify_set = [r for r in S if r.phase != DRAFT]
+            draft_set, need = need, []
         if need:
             (derr,) = await self._launch(self._draft(t0, need, k))
             if derr is not None:
                 await self._lost(derr)
                 return
-        ahead = [r for r in S if r.draft is not None and self._ahead_len(r, k) > 0] if sched == "ahead" else []
-        predicted = tick_ms(self.costs, _shape(S, k + 1), _shape(need, k), _shape(ahead, k + 1, ahead=k)
-                            if ahead else _shape(draft_set, k))
+        ahead = [r for r in verify_set if r.draft is not None and self._ahead_len(r, k) > 0] \
+            if sched == "ahead" else []
+        predicted = tick_ms(self.costs, _shape(verify_set, k + 1), [_shape(need, k)],
+                            [_shape(ahead, k + 1, ahead=k), _shape(draft_set, k)])
         # New requests prefill with their own batch's verification (single-batch schedules merged O into S): one
         # that joined O waits a tick rather than being prefilled now and then verified alone with zero drafts, so
         # every request runs prefill, then draft k and verify, whatever batch it joined (reproducible seeded samples).
@@ -387,7 +397,7 @@ class Lane:
         # of the whole prompt: the draft-side prefill hides behind the (much longer) target prefill.
         warm = [r for r in S + O if r.phase == PREFILL and r.seq.draft_cached == 0] \
             if self.drafter_up and self.mode != "ar" else []
-        verr, derr = await self._launch(self._verify(S, t0), self._draft(t0, draft_set, k, warm, ahead))
+        verr, derr = await self._launch(self._verify(verify_set, t0), self._draft(t0, draft_set, k, warm, ahead))
         outcome = self._settle_ahead(ahead, verified=verr is None and derr is None)
         for err in (derr, verr):
             if err is not None:
@@ -404,8 +414,8 @@ class Lane:
             ran = Choice("sd", k) if sched == "psd" and not O else choice
             self.controller.observe(ran, 1e3 * (end - t0 + self._gap(t0)), predicted_ms=predicted, n=len(S) + len(O))
         self._observe_tick(t0, end)
-        self.trace.tick(self.ticks, t0, end, len(S), len(O), str(choice), self.controller.predicted,
-                        self.controller.explored, outcome)
+        self.trace.tick(self.ticks, t0, end, len(verify_set), len(S) + len(O) - len(verify_set), str(choice),
+                        self.controller.predicted, self.controller.explored, outcome)
         self.metrics.tick(sched, k)
         if any(outcome):
             self.metrics.drafted_ahead(*outcome)

@@ -6,7 +6,8 @@ Schedules (what one tick of a lane does with its running requests):
   psd    two batches, one verified while the other is drafted (MineDraft): a tick costs max(T_draft, T_verify)
   ahead  one batch; while it is verified, the drafter drafts its next k tokens assuming every draft is accepted
          (PEARL's post-verify); where the outcome matches, the next tick needs no draft step: the drafter's idle time
-         during verification turns into latency at low load
+         during verification turns into latency at low load. Where it does not, the request is drafted afresh while
+         the others are verified (a pipeline: the verifier never waits for a re-draft while anyone holds drafts)
 For each, `throughput` predicts tokens per second from the cost model (costs.py) and the acceptance estimates
 (acceptance.py). The Controller picks the best, but keeps its current choice unless another is predicted to be
 `margin` better (twice that for another schedule not measured yet, whose first tick costs more and whose score is the
@@ -47,7 +48,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -85,15 +86,18 @@ class LaneView:
         return len(self.contexts)
 
 
-def tick_ms(costs: CostModel, verified: tuple[int, float, int], first: tuple[int, float, int] = (0, 0.0, 0),
-            overlapped: tuple[int, float, int] = (0, 0.0, 0)) -> float:
-    """The cost model's time of one tick that ran these shapes, each (sequences, their summed cached lengths, tokens
-    or drafts each): a draft step made `first` (sd's draft, draft-ahead's misses, psd's first tick), then a verify
-    and, overlapped with it, another draft step (psd's other batch, draft-ahead's drafts ahead). `cycle` builds a
-    schedule's expected ticks from it; the lane prices the tick that ran with it, so that a correction does not learn
-    how one tick's shapes differed from the average (psd's batches unequal while a wave drains, draft-ahead's
+Shape = tuple[float, float, int]  # (sequences, their summed cached lengths, tokens or drafts each)
+
+
+def tick_ms(costs: CostModel, verified: Shape, first: Sequence[Shape] = (), overlapped: Sequence[Shape] = ()) -> float:
+    """The cost model's time of one tick that ran these shapes: a draft call made `first` (sd's draft, draft-ahead's
+    re-draft when it has nothing else to verify, psd's first tick), then a verify and, overlapped with it, another
+    draft call (psd's other batch; draft-ahead's drafts ahead and, beside them, the drafts of the requests that
+    missed). A draft call is given as its groups of sequences, each drafting its own number of tokens. `cycle` builds
+    a schedule's expected ticks from it; the lane prices the tick that ran with it, so that a correction does not
+    learn how one tick's shapes differed from the average (psd's batches unequal while a wave drains, draft-ahead's
     misses)."""
-    return costs.draft_ms(*first) + max(costs.verify_ms(*verified), costs.draft_ms(*overlapped)) + \
+    return costs.draft_call_ms(first) + max(costs.verify_ms(*verified), costs.draft_call_ms(overlapped)) + \
         costs.tick_overhead.value
 
 
@@ -110,18 +114,28 @@ def cycle(choice: Choice, view: LaneView, costs: CostModel, yields: np.ndarray |
     total, over = float(ctx.sum()), costs.tick_overhead.value
     if choice.schedule == "ar":
         return float(n), tick_ms(costs, (n, total, 1)), 1
-    tokens = float((yields if yields is not None else expected_tokens(view.alphas, k))[:, k].sum())
+    tokens_each = (yields if yields is not None else expected_tokens(view.alphas, k))[:, k]
+    tokens = float(tokens_each.sum())
     if choice.schedule == "sd" or (choice.schedule == "psd" and n < 2):
-        return tokens, tick_ms(costs, (n, total, k + 1), first=(n, total, k)), 1
+        return tokens, tick_ms(costs, (n, total, k + 1), first=[(n, total, k)]), 1
     if choice.schedule == "psd":  # two ticks, each verifying one half while the other is drafted
         a, b = ((n + 1) // 2, total * ((n + 1) // 2) / n), (n // 2, total * (n // 2) / n)
-        return tokens, tick_ms(costs, (*a, k + 1), overlapped=(*b, k)) + \
-            tick_ms(costs, (*b, k + 1), overlapped=(*a, k)), 2
-    # ahead: the next k (plus a guess of the target's token) drafted during the verify; misses re-draft first
+        return tokens, tick_ms(costs, (*a, k + 1), overlapped=[(*b, k)]) + \
+            tick_ms(costs, (*b, k + 1), overlapped=[(*a, k)]), 2
+    # ahead: a verified request's next k drafts (after a guess of the target's next token) are made during its
+    # verification and used where they hit (probability h: all k accepted and the guess right).
     hit = hits[:, k - 1] if hits is not None else all_accepted(view.alphas, k)
-    misses = max(1, int(round(float((1 - hit).sum()))))
-    t_miss = (1.0 - float(np.prod(hit))) * costs.draft_ms(misses, total * misses / n, k)
-    return tokens, max(costs.verify_ms(n, total, k + 1), costs.draft_ms(n, total + n * k, k + 1)) + t_miss + over, 1
+    if n == 1:  # a miss re-drafts before the next verify: nothing else could be verified meanwhile
+        t_miss = (1.0 - float(hit[0])) * costs.draft_ms(1, total, k)
+        return tokens, max(costs.verify_ms(1, total, k + 1), costs.draft_ms(1, total + k, k + 1)) + t_miss + over, 1
+    # Several: a request that missed is drafted while the others are verified, and verified a tick later, so in the
+    # long run each is verified in f = 1 / (2 - h) of the ticks (a two-state chain: verified -> verified with
+    # probability h, else drafted -> verified). All missing at once, the tick re-drafts them first.
+    f = 1.0 / (2.0 - hit)
+    nv, ctx_v = float(f.sum()), float((f * ctx).sum())
+    drafts = costs.draft_call_ms([(nv, ctx_v + nv * k, k + 1), (n - nv, total - ctx_v, k)])
+    t_stall = float(np.prod(1.0 - f)) * costs.draft_ms(n, total, k)
+    return float((f * tokens_each).sum()), max(costs.verify_ms(nv, ctx_v, k + 1), drafts) + t_stall + over, 1
 
 
 def throughput(choice: Choice, view: LaneView, costs: CostModel, yields: np.ndarray | None = None,
@@ -291,8 +305,9 @@ class Controller:
             same, other = self._neighbours(self.current)
             # Mostly k +- 1 (free to switch to); another schedule a third of the time (its first tick is not steady).
             near = same if same and (not other or self._rng.random() < 2 / 3) else other
-            if near:
-                self._exploring, self._explore_left = self._rng.choice(near), self.explore_ticks
+            if near:  # another schedule's first tick does not count: it runs probe_ticks, so it is measured
+                self._exploring = self._rng.choice(near)
+                self._explore_left = self._probe_ticks(self._exploring)
         if self._exploring is not None:
             self._explore_left -= 1
             picked = self._exploring
