@@ -355,3 +355,22 @@ def test_a_rate_point_without_sd_is_reported_not_a_crash(tmp_path):
     (point,) = json.loads((tmp_path / "summary.json").read_text())
     assert point["sd_e2e_s"] is None and point["best_fixed"] == "psd/k=6" and point["auto_e2e_s"] == 0.3
     assert "| 6 | 0.30 | - | - | psd/k=6 | 0.32 | 0.94 |" in (tmp_path / "results.md").read_text()
+
+
+def test_a_rate_run_whose_requests_failed_is_not_the_best(tmp_path):
+    """The rate sweep's best fixed configuration by mean E2E skips runs with failed requests (as the throughput
+    sweep's does): a run that lost requests can have a short mean over the ones that finished."""
+    from minedraft.bench.adaptive import write_summary
+
+    def run(name, mode, e2e_s, failed=0):
+        return {"name": name, "mode": mode, "k": 0 if mode == "ar" else 4, "output_tps": 100.0 / e2e_s,
+                "e2e_ms": {"mean": 1e3 * e2e_s}, "choices": {name: 1.0}, "failed": failed}
+
+    results = {"pair": "demo pair", "command": "minedraft bench-adaptive ...", "target": "t", "draft": "d",
+               "prompts": "sharegpt", "output_len": 64, "ks": [4], "batch_sweep": [],
+               "rate_sweep": [{"rate": 2.0, "runs": [run("ar", "ar", 0.7), run("sd/k=4", "sd", 0.4),
+                                                     run("psd/k=4", "psd", 0.2, failed=3),
+                                                     run("auto", "auto", 0.3)]}]}
+    write_summary(results, tmp_path)
+    (point,) = json.loads((tmp_path / "summary.json").read_text())
+    assert point["best_fixed"] == "sd/k=4" and point["best_fixed_e2e_s"] == 0.4
