@@ -139,8 +139,9 @@ class CostModel:
         groups = [(n, c, k) for n, c, k in groups if n > 0 and k > 0]
         if not groups:
             return 0.0
-        x = np.array([1.0, max(k for _, _, k in groups), sum(k * n for n, _, k in groups),
-                      sum(k * n for n, _, k in groups), sum(k * c + n * k * (k + 1) / 2 for n, c, k in groups)])
+        rows = sum(k * n for n, _, k in groups)  # (sequence, forward) pairs: one token each
+        attended = sum(k * c + n * k * (k + 1) / 2 for n, c, k in groups)
+        x = np.array([1.0, max(k for _, _, k in groups), rows, rows, attended])
         return self.draft.predict(x * _SCALE) + self.draft_overhead.value
 
     def t_verify(self, contexts: np.ndarray, q: int) -> float:
