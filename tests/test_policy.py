@@ -337,7 +337,7 @@ def test_k_is_corrected_by_measurement_too():
     # choice, bring auto to the best k; one correction per schedule cannot (it scales every k alike). Target-only
     # and draft-ahead only: with sd too, a first probe of draft-ahead at its best-scored k (5-6) measures 1.6x its
     # model and every k of it borrows that ratio, so auto runs sd/k=2 (0.90x the best) until an exploration has
-    # measured ahead/k=2 (~100 ticks in), and this 300-tick run ends at 0.93x (README, Adaptive speculation).
+    # measured ahead/k=2 (~200 ticks in), and this 300-tick run ends at 0.93x (README, Adaptive speculation).
     args = ((2.0, 0.2, 1e-5), (12.0, 0.5, 3e-5), [0.9, 0.88, 0.86, 0.84, 0.8, 0.78, 0.75, 0.7, 0.7], 8)
     hidden = lambda c: 1.0 + 0.15 * max(0, c.k - 2) if c.schedule != "ar" else 1.0  # noqa: E731
     schedules = ("ar", "ahead")
